@@ -1,0 +1,1 @@
+"""Hydra configuration tree of dropbench, shipped in the wheel as ``dropbench.conf``."""

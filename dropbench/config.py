@@ -1,0 +1,68 @@
+"""User-facing configuration checks: everything a user can get wrong is caught here, before a
+run writes anything, and reported as one `UserError` line (never a traceback)."""
+
+from __future__ import annotations
+
+import os
+from numbers import Number
+
+from omegaconf import DictConfig, ListConfig
+
+
+class UserError(Exception):
+    """A mistake in the user's config or environment, reported as one line and exit code 2."""
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name}={value!r} is not allowed; it must be a positive integer")
+    return value
+
+
+def positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Number) or not value > 0:
+        raise UserError(f"{name}={value!r} is not allowed; it must be a positive number")
+    return float(value)
+
+
+def probability(name: str, value) -> float:
+    """A drop probability: 0 <= p < 1 (p = 1 would drop every unit)."""
+    if isinstance(value, bool) or not isinstance(value, Number) or not 0.0 <= value < 1.0:
+        raise UserError(f"{name}={value!r} is not allowed; it must be a number in [0, 1)")
+    return float(value)
+
+
+def probabilities(name: str, value, count: int) -> list[float]:
+    """A scalar p, or a list with one p per hidden layer (`count` of them)."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        if len(value) != count:
+            raise UserError(
+                f"{name}={list(value)} has {len(value)} values; the model has {count} hidden layers, "
+                f"so give one p per hidden layer or a single number"
+            )
+        return [probability(name, v) for v in value]
+    return [probability(name, value)] * count
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Checks of the top-level settings; groups check their own parameters when built."""
+    positive_int("epochs", cfg.epochs)
+    positive_int("batch_size", cfg.batch_size)
+    positive_int("eval_batch_size", cfg.eval_batch_size)
+    positive_int("parallel_seeds", cfg.parallel_seeds)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise UserError(f"seed={cfg.seed!r} is not allowed; it must be a non-negative integer")
+    positive_float("optimizer.lr", cfg.optimizer.lr)
+    if cfg.threads != "auto":
+        positive_int("threads", cfg.threads)
+    if cfg.progress not in ("auto", True, False):
+        raise UserError(f"progress={cfg.progress!r} is not allowed; choose auto, true or false")
+
+
+def check_writable(directory: str) -> None:
+    """Fail early, with the path, when results cannot be written."""
+    probe = directory
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "."
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"results directory {directory!r} is not writable; choose another with results_dir=PATH")
