@@ -130,3 +130,18 @@ def _images(ds) -> tuple[np.ndarray, np.ndarray]:
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # MNIST [N,H,W]; CIFAR [N,H,W,C]
     y = ds.targets.numpy() if isinstance(ds.targets, torch.Tensor) else np.asarray(ds.targets)
     return x.astype(np.float32) / 255.0, y
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in the IDX format of MNIST-style files (gzip'd when `path` ends in .gz).
+
+    Used to make stand-in data in the real on-disk format where the real files are absent
+    (the benchmark, the tests): torchvision's own parsers then read them.
+    """
+    import gzip
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
+        f.write(header + array.tobytes())

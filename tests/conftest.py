@@ -1,0 +1,29 @@
+"""Shared test helpers: running the CLI as a subprocess, reading result CSVs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`dropbench ARGS...` in a fresh process, quiet and single-threaded like CI."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "dropbench.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_cache(tmp_path_factory):
+    """One MNIST-1D cache for the whole test session (generation takes seconds)."""
+    os.environ.setdefault("DROPBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))

@@ -1,0 +1,88 @@
+"""The CLI end to end, as a user runs it: smoke run, result files, determinism, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import read_csv, run_cli
+from dropbench.results import METRICS_COLUMNS, SUMMARY_COLUMNS
+
+SMOKE = ["experiment=smoke", "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    proc = run_cli("train", *SMOKE, f"results_dir={out}", f"hydra.run.dir={out}/run")
+    assert proc.returncode == 0, proc.stderr
+    return out / "run", proc
+
+
+def test_smoke_run_writes_tidy_csvs(smoke_run):
+    run_dir, proc = smoke_run
+    metrics = read_csv(run_dir / "metrics.csv")
+    assert list(metrics[0]) == METRICS_COLUMNS
+    assert [(r["epoch"], r["split"]) for r in metrics] == [("1", "train"), ("1", "test"), ("2", "train"), ("2", "test")]
+    for row in metrics:
+        assert 0.0 <= float(row["accuracy"]) <= 1.0 and float(row["loss"]) > 0 and float(row["seconds"]) >= 0
+    (summary,) = read_csv(run_dir / "summary.csv")
+    assert list(summary)[: len(SUMMARY_COLUMNS)] == SUMMARY_COLUMNS
+    assert summary["status"] == "ok" and summary["dataset"] == "mnist1d" and summary["model"] == "mlp"
+    assert summary["regularizer"] == "none" and summary["p"] == "" and summary["seed"] == "0"
+    assert summary["epochs"] == "2" and summary["batch_size"] == "64" and summary["epochs_completed"] == "2"
+    last_train, last_test = metrics[-2], metrics[-1]
+    assert float(summary["train_acc"]) == float(last_train["accuracy"])
+    assert float(summary["test_acc"]) == float(last_test["accuracy"])
+    assert float(summary["gap"]) == pytest.approx(float(last_train["accuracy"]) - float(last_test["accuracy"]))
+    assert float(summary["best_test_acc"]) == max(float(r["accuracy"]) for r in metrics if r["split"] == "test")
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert "Traceback" not in proc.stderr
+
+
+def test_same_seed_gives_identical_metrics(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    proc = run_cli("train", *SMOKE, f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/again")
+    assert proc.returncode == 0, proc.stderr
+
+    def values(path):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in read_csv(path)]
+
+    assert values(run_dir / "metrics.csv") == values(tmp_path / "again" / "metrics.csv")
+    other = run_cli("train", *SMOKE, "seed=1", f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/seed1")
+    assert values(tmp_path / "seed1" / "metrics.csv") != values(run_dir / "metrics.csv"), other.stderr
+
+
+def test_cfg_job_prints_composed_config(tmp_path):
+    proc = run_cli("train", "--cfg", "job", "regularizer=dropout", "regularizer.p=0.3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "_target_: dropbench.data.load_mnist1d" in proc.stdout and "p: 0.3" in proc.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_help_and_list_do_not_import_torch():
+    code = ("import sys; from dropbench import cli; cli.list_choices(); print(cli.USAGE); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "regularizer: " in proc.stdout and "dropbench train" in proc.stdout
+
+
+def test_train_help_is_hydras():
+    proc = run_cli("train", "--help")
+    assert proc.returncode == 0 and "Configuration groups" in proc.stdout and "regularizer:" in proc.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("epochs=-1", "epochs=-1 is not allowed"),
+    ("dataset=nope", "unknown dataset 'nope'; choose from: cifar10, fashion_mnist, mnist, mnist1d"),
+    ("device=cuda", "device=cuda is not available"),
+])
+def test_bad_values_give_one_line_and_write_nothing(tmp_path, override, message):
+    proc = run_cli("train", *SMOKE, override, f"results_dir={tmp_path}/results")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    assert not any((tmp_path / "results").rglob("*")) if (tmp_path / "results").exists() else True

@@ -1,0 +1,81 @@
+"""Sweeps: Hydra multirun into one sweep directory, skipping finished runs, launcher configs,
+and the ready-made experiment configs."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from conftest import read_csv, run_cli
+from dropbench.cli import choices
+
+SWEEP = ["-m", "experiment=smoke", "threads=1", "regularizer=dropout", "regularizer.p=0.1,0.5,0.9", "seed=0,1,2"]
+
+
+def summaries(root):
+    return {p.parent.name: read_csv(p)[0] for p in root.rglob("summary.csv")}
+
+
+def test_3x3_sweep_then_rerun_skips_finished_runs(tmp_path):
+    proc = run_cli("train", *SWEEP, f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert proc.returncode == 0, proc.stderr
+    first = summaries(tmp_path / "sweep")
+    assert len(first) == 9 and all(row["status"] == "ok" for row in first.values())
+    assert "regularizer.p=0.5,regularizer=dropout,seed=2" in first  # job folders are named by their overrides
+    assert {(row["p"], row["seed"]) for row in first.values()} == {(p, s) for p in ("0.1", "0.5", "0.9")
+                                                                     for s in "012"}
+    assert len({row["run_key"] for row in first.values()}) == 9
+    assert len({row["group_key"] for row in first.values()}) == 3
+
+    # the same sweep again, into another folder: every job is recognised by its config + seed
+    again = run_cli("train", *SWEEP, f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/again")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already finished") == 9
+    assert not summaries(tmp_path / "again")
+
+    # force=true re-runs them, with the same numbers
+    forced = run_cli("train", *SWEEP, "regularizer.p=0.5", "seed=1", "force=true", f"results_dir={tmp_path}",
+                     f"hydra.sweep.dir={tmp_path}/forced")
+    (row,) = summaries(tmp_path / "forced").values()
+    assert forced.returncode == 0 and row["test_acc"] == first["regularizer.p=0.5,regularizer=dropout,seed=1"]["test_acc"]
+
+
+def test_parallel_seeds_match_the_sequential_sweep(tmp_path):
+    proc = run_cli("train", "experiment=smoke", "threads=1", "regularizer=dropout", "parallel_seeds=3",
+                   f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/together")
+    assert proc.returncode == 0, proc.stderr
+    for seed in range(3):
+        alone = run_cli("train", "experiment=smoke", "threads=1", "regularizer=dropout", f"seed={seed}",
+                        f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/alone{seed}")
+        assert alone.returncode == 0, alone.stderr
+        a = read_csv(tmp_path / "together" / f"seed_{seed}" / "metrics.csv")
+        b = read_csv(tmp_path / f"alone{seed}" / "metrics.csv")
+        assert [(r["loss"], r["accuracy"]) for r in a] == [(r["loss"], r["accuracy"]) for r in b]
+        assert (read_csv(tmp_path / "together" / f"seed_{seed}" / "summary.csv")[0]["run_key"]
+                == read_csv(tmp_path / f"alone{seed}" / "summary.csv")[0]["run_key"])
+
+
+def test_launcher_configs_compose(tmp_path):
+    slurm = run_cli("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra",
+                    cwd=tmp_path)
+    assert slurm.returncode == 0, slurm.stderr
+    assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in slurm.stdout
+    assert "partition: gpu" in slurm.stdout and "cpus_per_task: 4" in slurm.stdout
+    joblib = run_cli("train", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "--cfg", "hydra",
+                     cwd=tmp_path)
+    assert joblib.returncode == 0 and "JoblibLauncher" in joblib.stdout and "n_jobs: 2" in joblib.stdout
+
+
+@pytest.mark.parametrize("experiment", choices("experiment"))
+def test_experiments_compose(experiment):
+    with initialize_config_module("dropbench.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params or {}
+    for name in str(params.get("regularizer", "")).replace("[", "").replace("]", "").split(","):
+        assert not name or name in choices("regularizer"), name
+    if experiment == "ablation_all":
+        listed = set(params["regularizer"].replace("[dropout,maxnorm]", "").strip(",").split(","))
+        assert listed == set(choices("regularizer"))  # every regularizer is in the ablation
+    if experiment == "d2l_dropout":
+        assert list(cfg.model.hidden) == [256, 256] and list(cfg.regularizer.p) == [0.2, 0.5]
+        assert cfg.optimizer.lr == 0.5 and cfg.batch_size == 256 and cfg.model.init_std == 0.01
