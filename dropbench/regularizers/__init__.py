@@ -3,18 +3,25 @@ the places where a method can act (see `Regularizer`). A run's regularizers are 
 combination built from the `regularizer.methods` config node, one entry per chosen method.
 
 Adding a method = one module here with a `Regularizer` subclass + one YAML in conf/regularizer/.
+
+Methods (config name -> module): none, dropout, dropout_scaled, rdrop, multisample, dropconnect,
+gaussian, standout, l1 / l2 (penalties), maxnorm, batchnorm, mc_dropout. See docs/regularizers_section.md.
 """
 
 from __future__ import annotations
 
+import math
+from numbers import Number
+
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 from dropbench.config import UserError
-from dropbench.replicas import ReplicaRNG
+from dropbench.replicas import ReplicaConv, ReplicaLinear, ReplicaRNG
 
 
 class Regularizer:
@@ -29,10 +36,16 @@ class Regularizer:
     stochastic = False
     # True when the method only makes sense on top of random layers (R-Drop, MC dropout).
     needs_stochastic = False
+    # Methods this one is built on and pulls in through its YAML defaults (R-Drop, MC dropout on
+    # dropout): they are left out of the run's label, so `regularizer=rdrop` is labelled "rdrop".
+    builds_on: tuple[str, ...] = ()
 
     def summary(self) -> dict:
         """Parameters recorded in summary.csv; `p` fills the summary's p column."""
         return {}
+
+    def check(self, model: nn.Module) -> None:
+        """Raise UserError when the method cannot work on `model` (called once the model is built)."""
 
     # -- layers ---------------------------------------------------------------------------------
     def input_layer(self, shape: tuple[int, ...], rng: ReplicaRNG) -> nn.Module | None:
@@ -67,6 +80,46 @@ class Regularizer:
 LAYER_PLACES = ("input_layer", "hidden_linear", "norm_layer", "hidden_layer")
 
 
+# -- parameter checks shared by the methods (dropbench.config has the generic ones) ---------------
+def non_negative(name: str, value) -> float:
+    """A number >= 0 (a strength such as alpha or lambda, where 0 switches the method off)."""
+    if isinstance(value, bool) or not isinstance(value, Number) or not 0.0 <= value < math.inf:
+        raise UserError(f"{name}={value!r} is not allowed; it must be a number >= 0")
+    return float(value)
+
+
+def real(name: str, value) -> float:
+    """Any finite number."""
+    if isinstance(value, bool) or not isinstance(value, Number) or not math.isfinite(value):
+        raise UserError(f"{name}={value!r} is not allowed; it must be a finite number")
+    return float(value)
+
+
+def choice(name: str, value, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise UserError(f"{name}={value!r} is not allowed; choose {' or '.join(allowed)}")
+    return value
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{name}={value!r} is not allowed; it must be true or false")
+    return value
+
+
+def scalar_or_list(p):
+    """A p that may be one number or one per hidden layer (kept as a list for summary())."""
+    return list(p) if isinstance(p, (list, tuple, ListConfig)) else p
+
+
+# -- weights the penalties and constraints act on -------------------------------------------------
+def weight_layers(model: nn.Module, hidden_only: bool = False) -> list[nn.Module]:
+    """The model's Linear/Conv layers (weights [R, out, in, *kernel]); `hidden_only` leaves out the head."""
+    head = getattr(model, "head", None)
+    return [m for m in model.modules() if isinstance(m, (ReplicaLinear, ReplicaConv))
+            and not (hidden_only and m is head)]
+
+
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy per replica: logits [R, B, C], y [R, B] -> [R]."""
     R, B, C = logits.shape
@@ -78,7 +131,8 @@ class Regularizers:
 
     def __init__(self, methods: list[Regularizer]):
         self.methods = methods
-        self.name = "+".join(m.name for m in methods) or "none"
+        implied = {base for m in methods for base in m.builds_on}
+        self.name = "+".join(m.name for m in methods if m.name not in implied) or "none"
         self.placed: set[str] = set()  # methods that put at least one layer into the model
 
     def _one(self, place: str, *args) -> object | None:
@@ -107,6 +161,8 @@ class Regularizers:
 
     def check_model(self, model: nn.Module) -> None:
         """Reject methods that found no place in the model, or need random layers it lacks."""
+        for m in self.methods:
+            m.check(model)
         for m in self.methods:
             acts_on_layers = any(getattr(type(m), place) is not getattr(Regularizer, place) for place in LAYER_PLACES)
             if acts_on_layers and m.name not in self.placed:
@@ -151,7 +207,16 @@ def build_regularizers(cfg: DictConfig) -> Regularizers:
     """Instantiate every entry of `regularizer.methods` (a dict name -> {_target_, params})."""
     methods = []
     for name, node in (cfg.get("methods") or {}).items():
-        method = instantiate(node)
+        try:
+            method = instantiate(node)
+        except InstantiationException as error:  # Hydra wraps what the constructor raised
+            cause = error.__cause__
+            while isinstance(cause, InstantiationException):
+                cause = cause.__cause__
+            if isinstance(cause, UserError):
+                raise cause from None
+            detail = " ".join(str(cause or error).split())
+            raise UserError(f"cannot build regularizer {name} from its config ({type(cause or error).__name__}: {detail})") from None
         method.name = name
         methods.append(method)
     return Regularizers(methods)

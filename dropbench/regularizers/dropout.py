@@ -44,7 +44,10 @@ class DropoutLayer(nn.Module):
 
 
 class Dropout(Regularizer):
+    """Defaults: p=0.5 (Srivastava et al. 2014 for hidden units), input_p=0.0, impl=own."""
+
     stochastic = True
+    layer = DropoutLayer  # the module placed after each hidden activation (and on the inputs)
 
     def __init__(self, p=0.5, input_p: float = 0.0, impl: str = "own"):
         if impl not in ("own", "torch"):
@@ -58,8 +61,8 @@ class Dropout(Regularizer):
         return {"p": self.p, "input_p": self.input_p}
 
     def input_layer(self, shape, rng):
-        return DropoutLayer(self.input_p, rng, self.impl) if self.input_p > 0 else None
+        return self.layer(self.input_p, rng, self.impl) if self.input_p > 0 else None
 
     def hidden_layer(self, index, num_hidden, shape, rng):
         # Kept even at p = 0 (an identity) so that p sweeps share one model structure.
-        return DropoutLayer(probabilities("regularizer.p", self.p, num_hidden)[index], rng, self.impl)
+        return self.layer(probabilities("regularizer.p", self.p, num_hidden)[index], rng, self.impl)

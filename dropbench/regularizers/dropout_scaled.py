@@ -1,0 +1,39 @@
+"""Non-inverted ("scaled at test time") dropout, as originally described by Hinton et al. 2012
+("Improving neural networks by preventing co-adaptation of feature detectors", arXiv:1207.0580)
+and Srivastava et al. 2014 (JMLR, "Dropout: ...", Section 4 and Figure 2).
+
+Training: y = m * x with m ~ Bernoulli(1 - p) per unit and *no* rescaling, so E[y] = (1 - p) x.
+Evaluation: y = (1 - p) * x, i.e. the paper's "weights multiplied by the retention probability"
+(scaling a layer's outputs by 1 - p is the same as scaling the next layer's weights).
+
+In exact arithmetic this trains the same function family as inverted dropout; it differs from it
+in the effective learning rate of the layers after a dropout layer (activations are (1 - p) times
+smaller in training), which matters for SGD and much less for Adam.
+Parameters and defaults are those of `dropout`: p=0.5 (scalar or one per hidden layer), input_p=0.0,
+impl=own|torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dropbench.regularizers.dropout import Dropout, DropoutLayer
+
+
+class ScaledDropoutLayer(DropoutLayer):
+    """Dropout without rescaling in training; scales by 1 - p in evaluation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        if not self.training:
+            return x * keep
+        if self.impl == "torch":
+            return F.dropout(x, self.p, training=True) * keep
+        return x * self.rng.keep_mask(tuple(x.shape[1:]), keep)
+
+
+class DropoutScaled(Dropout):
+    layer = ScaledDropoutLayer

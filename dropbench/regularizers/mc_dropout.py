@@ -1,0 +1,47 @@
+"""MC dropout (Gal & Ghahramani, ICML 2016, "Dropout as a Bayesian Approximation: Representing
+Model Uncertainty in Deep Learning").
+
+Training is ordinary dropout (the YAML pulls in `dropout` through its defaults list). Prediction
+keeps the dropout layers stochastic and averages the predictive distribution over T passes:
+
+    p(y | x) ~= 1/T sum_t softmax(f(x; m_t)),   returned as its log: logsumexp_t log_softmax - log T
+
+Only modules marked `stochastic = True` (dropout-like layers) are switched to training mode;
+everything else, BatchNorm in particular, stays in evaluation mode (running statistics). The masks
+come from the run's replica generators. Defaults: samples=20 (T), p=0.5 (the dropout default).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dropbench.config import positive_int
+from dropbench.regularizers import Regularizer, scalar_or_list
+
+
+class MCDropout(Regularizer):
+    needs_stochastic = True
+    builds_on = ("dropout",)
+
+    def __init__(self, samples: int = 20, p=0.5):
+        self.samples = positive_int("regularizer.samples", samples)
+        self.p = scalar_or_list(p)  # dropout's rate, checked by the dropout method; recorded here
+
+    def summary(self) -> dict:
+        return {"p": self.p, "samples": self.samples}
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        random_layers = [m for m in model.modules() if getattr(m, "stochastic", False)]
+        modes = [m.training for m in random_layers]
+        for m in random_layers:
+            m.train()
+        try:
+            logp = torch.stack([F.log_softmax(model(x), dim=-1) for _ in range(self.samples)])
+        finally:
+            for m, mode in zip(random_layers, modes):
+                m.train(mode)
+        return torch.logsumexp(logp, dim=0) - math.log(self.samples)

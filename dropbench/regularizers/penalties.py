@@ -1,0 +1,47 @@
+"""Weight penalties added to the loss, per replica (the classic "weight decay" of Hinton 1987 /
+Krogh & Hertz 1992, "A Simple Weight Decay Can Improve Generalization"; L1 as in Tibshirani 1996):
+
+    l1:  lam * sum_w |w|          (default lam = 1e-5)
+    l2:  lam / 2 * sum_w w^2      (default lam = 1e-4)
+
+The sums run over the weights of every Linear/Conv layer, head included, and leave out biases and
+normalization parameters (our choice, the common one: biases do not cause overfitting and
+penalizing them shifts the units' operating points).
+
+l2 versus the optimizer's weight_decay: the gradient of lam/2 ||w||^2 is lam w, which is exactly
+what SGD's coupled `weight_decay=lam` adds to the gradient, so for plain SGD the two give the same
+updates (here only on weights; weight_decay also decays biases). With momentum they still agree
+(both enter the gradient before the momentum buffer). With Adam they differ: the penalty's gradient
+is divided by Adam's per-parameter sqrt(v) like the loss's, so large-gradient weights are decayed
+less; Adam's own weight_decay is the same coupled L2. AdamW's weight_decay is decoupled
+(Loshchilov & Hutter 2019): w <- w - lr * wd * w outside the adaptive step, not a loss term at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dropbench.regularizers import Regularizer, non_negative, weight_layers
+
+
+class L1(Regularizer):
+    def __init__(self, lam: float = 1e-5):
+        self.lam = non_negative("regularizer.lam", lam)
+
+    def summary(self) -> dict:
+        return {"lam": self.lam}
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        return self.lam * sum(m.weight.abs().flatten(1).sum(1) for m in weight_layers(model))
+
+
+class L2(Regularizer):
+    def __init__(self, lam: float = 1e-4):
+        self.lam = non_negative("regularizer.lam", lam)
+
+    def summary(self) -> dict:
+        return {"lam": self.lam}
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        return (self.lam / 2) * sum(m.weight.square().flatten(1).sum(1) for m in weight_layers(model))
