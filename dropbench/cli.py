@@ -6,9 +6,10 @@ and `report` answer at once.
 
 from __future__ import annotations
 
-import shutil
+import os
 import signal
 import sys
+import time
 from importlib.resources import files
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def choices(group: str) -> list[str]:
 
 
 def fail(command: str, message: str, code: int = 2) -> None:
-    print(f"dropbench {command}: error: {message}", file=sys.stderr)
+    message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"dropbench {command}: error: {message}".replace("dropbench : ", "dropbench: "), file=sys.stderr)
     sys.exit(code)
 
 
@@ -71,55 +73,157 @@ def check_group_overrides(overrides: list[str]) -> None:
                 fail("train", f"unknown {group} {name!r}; choose from: {', '.join(known)}")
 
 
-def train(argv: list[str]) -> None:
-    import hydra
+def parse_train_args(argv: list[str]):
+    """Hydra's own command line, with its usage errors as one line and flags (-m, --cfg job)
+    accepted anywhere among the overrides; returns (argv reordered for Hydra: flags first, parsed)."""
     from hydra._internal.utils import get_args_parser
 
-    check_group_overrides(get_args_parser().parse_args(argv).overrides)
+    parser = get_args_parser()
+    parser.prog = "dropbench train"
+    parser.error = lambda message: fail("train", message)
+    args = parser.parse_intermixed_args(argv)
+    modes = [f for f, on in (("--run", args.run), ("--multirun", args.multirun), ("--cfg", args.cfg),
+                             ("--info", args.info), ("--shell-completion", args.shell_completion)) if on]
+    if len(modes) > 1:
+        fail("train", f"{' and '.join(modes)} cannot be combined; give one of them")
+    flags, pending = [], list(args.overrides)
+    for a in argv:
+        if pending and a == pending[0]:
+            pending.pop(0)
+        else:
+            flags.append(a)
+    return flags + list(args.overrides), args
+
+
+class SweepCallback:
+    """Hydra callback (conf/config.yaml, hydra.callbacks): notes the sweep directory in the process
+    that launches the jobs, which with the joblib launcher runs none of them itself."""
+
+    sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        SweepCallback.sweep_dir = Path(str(config.hydra.sweep.dir))
+
+    def on_run_start(self, config, **kwargs) -> None: ...
+    def on_run_end(self, config, **kwargs) -> None: ...
+    def on_multirun_end(self, config, **kwargs) -> None: ...
+    def on_job_start(self, config, **kwargs) -> None: ...
+    def on_job_end(self, config, job_return, **kwargs) -> None: ...
+
+
+def train(argv: list[str]) -> None:
+    argv, args = parse_train_args(argv)
+    check_group_overrides(args.overrides)
+
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from dropbench.conf import __name__ as conf_package
 
-    failures = []
+    # Hydra prints its own errors over several lines with a hint; let them reach us instead
+    # (unless the user asked for Hydra's full tracebacks).
+    hydra_errors = (HydraException, OmegaConfBaseException) if not os.environ.get("HYDRA_FULL_ERROR") else ()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    failures, started = [], time.time()
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{conf_package}", config_name="config")
-    def job(cfg) -> None:
+    def job(cfg) -> str:
         from hydra.core.hydra_config import HydraConfig
 
-        from dropbench.config import UserError
-        from dropbench.train import train_job
+        from dropbench.config import UserError, check_run_config, check_writable
 
         hc = HydraConfig.get()
         output_dir = Path(hc.runtime.output_dir)
         multirun = hc.mode.name == "MULTIRUN"
-        parallel_jobs = hc.launcher.get("n_jobs", 1) if multirun else 1
         try:
-            status = train_job(cfg, output_dir, multirun, parallel_jobs if parallel_jobs > 0 else 1)
-        except UserError as error:
+            check_run_config(cfg)  # cheap checks before torch is imported
+            check_writable(cfg.results_dir)
+            from dropbench.train import train_job
+
+            result = train_job(cfg, output_dir, multirun, _parallel_jobs(hc) if multirun else 1)
+        except UserError as error:  # one line and exit 2 (SystemExit passes Hydra's and joblib's handlers)
             _remove_if_only_hydra(output_dir, Path(cfg.results_dir))
             fail("train", str(error))
-        if status == "skipped":
+        except KeyboardInterrupt:  # stopped before the run had written anything: leave no empty run dir
             _remove_if_only_hydra(output_dir, Path(cfg.results_dir))
-        elif status == "failed":
-            failures.append(output_dir)
-            print(f"dropbench train: run failed, recorded in {output_dir}/summary.csv", file=sys.stderr)
-        else:
-            print(f"dropbench train: {status}: {output_dir}")
+            raise
+        if result.run_dir != output_dir or result.status == "skipped":
+            _remove_if_only_hydra(output_dir, Path(cfg.results_dir))
+        if result.status == "failed":
+            failures.append(result.run_dir)
+            print(f"dropbench train: run failed, recorded in {result.run_dir}/summary.csv", file=sys.stderr)
+        elif result.status != "skipped":
+            print(f"dropbench train: {result.status}: {result.run_dir}")
+        return result.status
 
     sys.argv = ["dropbench train", *argv]
-    job()
+    SweepCallback.sweep_dir = None
+    try:
+        job()
+    except SystemExit:
+        _remove_empty_sweep(SweepCallback.sweep_dir)
+        raise
+    except hydra_errors as error:
+        _remove_empty_sweep(SweepCallback.sweep_dir)
+        cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else None
+        fail("train", one_line(error) + (f" ({one_line(cause)})" if cause else ""))
+    except OSError as error:
+        where = f" {error.filename}" if error.filename else ""
+        fail("train", f"cannot write{where}: {error.strerror or error}; choose another place with results_dir=PATH")
+    sweep_dir = SweepCallback.sweep_dir
+    if sweep_dir is not None:
+        _remove_empty_sweep(sweep_dir)
+        if not failures:  # jobs run in worker processes (joblib) report through their summaries
+            failures = _failed_since(sweep_dir, started)
+            for run_dir in failures:
+                print(f"dropbench train: run failed, recorded in {run_dir}/summary.csv", file=sys.stderr)
     if failures:
         sys.exit(1)
 
 
-def _remove_if_only_hydra(run_dir: Path, results_dir: Path) -> None:
-    """Remove a run directory that holds nothing but what Hydra wrote, and its empty parents."""
-    if not run_dir.is_dir() or any(p.name != ".hydra" for p in run_dir.iterdir()):
+def one_line(error) -> str:
+    from dropbench.config import one_line as _one_line
+
+    return _one_line(error)
+
+
+def _failed_since(sweep_dir: Path, started: float) -> list[Path]:
+    """Runs of this sweep that failed (jobs in other processes report through their summaries)."""
+    from dropbench.results import files_named, read_summary
+
+    failed = []
+    for path in files_named(sweep_dir, "summary.csv"):
+        row = read_summary(path)
+        try:
+            recent = path.stat().st_mtime >= started - 1
+        except OSError:
+            continue
+        if row and row["status"] == "failed" and recent:
+            failed.append(path.parent)
+    return failed
+
+
+def _remove_empty_sweep(sweep_dir: Path | None) -> None:
+    """A sweep directory holding nothing but Hydra's multirun.yaml (every job skipped, resumed
+    elsewhere or rejected) is removed."""
+    if sweep_dir is None or not sweep_dir.is_dir():
         return
-    shutil.rmtree(run_dir)
-    parent, stop = run_dir.parent, results_dir.resolve()
-    while parent.resolve() != stop and parent.is_dir() and not any(parent.iterdir()) and stop in parent.resolve().parents:
-        parent.rmdir()
-        parent = parent.parent
+    if [p.name for p in sweep_dir.iterdir()] == ["multirun.yaml"]:
+        (sweep_dir / "multirun.yaml").unlink()
+        sweep_dir.rmdir()
+
+
+def _parallel_jobs(hc) -> int:
+    """How many jobs the launcher runs at once (joblib's n_jobs: -1 = all cores, -2 = all but one)."""
+    n_jobs = int(hc.launcher.get("n_jobs", 1) or 1)
+    return n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+
+
+def _remove_if_only_hydra(run_dir: Path, results_dir: Path) -> None:
+    from dropbench.results import remove_if_only_hydra
+
+    remove_if_only_hydra(run_dir, results_dir)
 
 
 def list_choices() -> None:
@@ -129,7 +233,7 @@ def list_choices() -> None:
 
 def _terminate(signum, frame):
     # SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: its state is written first.
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,10 +247,14 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _terminate)
         try:
             train(argv[1:])
-        except KeyboardInterrupt:
-            print("dropbench train: interrupted; finished state written, re-run the sweep to complete it",
-                  file=sys.stderr)
-            sys.exit(130)
+        except KeyboardInterrupt as stop:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            name = stop.args[0] if stop.args and stop.args[0] == "SIGTERM" else "SIGINT"
+            print(f"dropbench train: interrupted ({name}); the current run was saved with status interrupted "
+                  "(metrics and checkpoint kept); run the same command again to finish: finished runs are "
+                  "skipped, and resume=true continues the interrupted one from its last epoch", file=sys.stderr)
+            sys.exit(143 if name == "SIGTERM" else 130)
     elif command == "report":
         from dropbench.report import main as report_main
 
@@ -158,4 +266,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m dropbench.cli`: run the imported module's main, so that Hydra's callback (which
+    # imports dropbench.cli) and this code share one module's state
+    from dropbench.cli import main as _main
+
+    _main()

@@ -57,12 +57,33 @@ def check_run_config(cfg: DictConfig) -> None:
         positive_int("threads", cfg.threads)
     if cfg.progress not in ("auto", True, False):
         raise UserError(f"progress={cfg.progress!r} is not allowed; choose auto, true or false")
+    for key in ("force", "resume", "keep_checkpoint"):
+        value = cfg.get(key, False)
+        if not isinstance(value, bool):
+            raise UserError(f"{key}={value!r} is not allowed; choose true or false")
 
 
 def check_writable(directory: str) -> None:
-    """Fail early, with the path, when results cannot be written."""
-    probe = directory
+    """Fail early, with the path, when results cannot be written under `directory`.
+
+    The nearest existing ancestor must be a directory we may write into (a path under a regular
+    file can be created by no one, root included; root passes the permission check, as it should).
+    """
+    probe = os.path.abspath(os.path.expanduser(str(directory)))
     while not os.path.exists(probe):
-        probe = os.path.dirname(probe) or "."
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"results directory {directory!r} is not writable; choose another with results_dir=PATH")
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"results directory {str(directory)!r} cannot be created: {probe!r} is a file, "
+                        f"not a directory; choose another with results_dir=PATH")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"results directory {str(directory)!r} is not writable ({probe!r} does not allow it); "
+                        f"choose another with results_dir=PATH")
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error message on one line: Hydra's and OmegaConf's messages run over several lines and
+    end in details (full_key, object_type) that say nothing to a user."""
+    text = str(error) if not isinstance(error, BaseException) or str(error) else type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
+    return " ".join(lines) or type(error).__name__

@@ -14,7 +14,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 FORMAT = 1
@@ -27,10 +29,11 @@ SUMMARY_COLUMNS = [
     "epochs", "lr", "batch_size", "optimizer", "epochs_completed", "diverged_epoch",
     "train_acc", "test_acc", "best_test_acc", "best_epoch", "gap", "train_loss", "test_loss", "test_entropy",
     "wall_seconds", "parallel_seeds", "error", "started_at", "finished_at", "device", "dropbench_version",
+    "threads", "resumed_from_epoch",
 ]
 # Settings that change where or how fast a run goes, not what it computes.
-NOT_IDENTITY = {"device", "threads", "progress", "results_dir", "force", "eval_batch_size", "parallel_seeds",
-                "dataset.cache_dir", "dataset.root", "dataset.download"}
+NOT_IDENTITY = {"device", "threads", "progress", "results_dir", "force", "resume", "keep_checkpoint",
+                "eval_batch_size", "parallel_seeds", "dataset.cache_dir", "dataset.root", "dataset.download"}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -64,14 +67,19 @@ def config_columns(config: dict) -> dict[str, str]:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a crash at any moment leaves the old file or the new one."""
+@contextmanager
+def atomic_file(path: Path, mode: str = "w"):
+    """Yield a file opened on a temporary name beside `path`; once the block ends without an
+    error it is flushed to disk and renamed onto `path`. A crash at any moment leaves the old file
+    or the new one, never half a file; the temporary name is unique (mkstemp), so processes
+    writing into the same directory never share one. Leftovers of a killed process are hidden
+    `.NAME.*.tmp` files that readers ignore."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are ordinary files
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -79,6 +87,12 @@ def write_atomic(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a crash at any moment leaves the old file or the new one."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -89,22 +103,118 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def read_summary(path: Path) -> dict | None:
-    """The row of a dropbench summary.csv, or None for anything else (foreign, empty, other format)."""
+def read_csv_rows(path: Path) -> list[dict] | None:
+    """The rows of a CSV file written by `write_csv`, or None unless the file is complete: it
+    must end with a newline and every row must have exactly the header's number of fields (a file
+    cut short anywhere fails one of the two)."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        text = Path(path).read_text(encoding="utf-8")
+        rows = list(csv.reader(io.StringIO(text, newline="")))
     except (OSError, UnicodeDecodeError, csv.Error):
         return None
-    if len(rows) != 1 or rows[0].get("format") != str(FORMAT) or not rows[0].get("run_key"):
+    if not text.endswith("\n") or not rows or any(len(row) != len(rows[0]) for row in rows):
         return None
-    return rows[0]
+    return [dict(zip(rows[0], row)) for row in rows[1:]]
+
+
+def read_summary(path: Path) -> dict | None:
+    """The row of a dropbench summary.csv, or None for anything else (foreign, empty, half-written,
+    other format, unknown status)."""
+    rows = read_csv_rows(path)
+    if rows is None or len(rows) != 1:
+        return None
+    row = rows[0]
+    if row.get("format") != str(FORMAT) or not row.get("run_key") or row.get("status") not in STATUSES:
+        return None
+    return row
+
+
+def files_named(root: str | Path, name: str):
+    """Every file called `name` under `root`. Unlike Path.rglob, a directory that vanishes during
+    the walk (another job tidying up) is skipped, not an error; hidden directories are not entered."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if name in filenames:
+            yield Path(dirpath) / name
 
 
 def find_finished(results_dir: str, run_key: str) -> Path | None:
     """A finished run (status ok or diverged: re-running would give the same) with this key, if any."""
-    for path in Path(results_dir).rglob("summary.csv"):
+    for path in files_named(results_dir, "summary.csv"):
         row = read_summary(path)
         if row and row["run_key"] == run_key and row["status"] in ("ok", "diverged"):
             return path.parent
     return None
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+# A run's directory holds, while it can still be continued, `checkpoint.pt` (the state at the end
+# of the last epoch, torch) and `checkpoint.json` (its run keys and where its replicas write), so
+# `resume=true` finds it without loading torch files.
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_INFO = "checkpoint.json"
+
+
+def write_checkpoint_info(run_dir: Path, run_keys: list[str], replica_dirs: list[str], device_type: str) -> None:
+    """checkpoint.json: what find_resumable matches (written once per run; checkpoint.pt's mtime dates it)."""
+    info = {"format": FORMAT, "run_keys": list(run_keys), "replica_dirs": list(replica_dirs),
+            "device_type": device_type}
+    text = json.dumps(info, indent=1) + "\n"
+    try:
+        if (run_dir / CHECKPOINT_INFO).read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_atomic(run_dir / CHECKPOINT_INFO, text)
+
+
+def find_resumable(results_dir: str, run_keys: list[str], device_type: str) -> Path | None:
+    """The most recently checkpointed run under `results_dir` with exactly these run keys that has
+    not finished (some replica without an ok/diverged summary), or None."""
+    found = []
+    for info_path in files_named(results_dir, CHECKPOINT_INFO):
+        run_dir = info_path.parent
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+            mtime = (run_dir / CHECKPOINT).stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or sorted(info.get("run_keys") or []) != sorted(run_keys):
+            continue
+        if info.get("device_type") != device_type:
+            continue
+        summaries = [read_summary(run_dir / d / "summary.csv") for d in info.get("replica_dirs") or ["."]]
+        if all(row and row["status"] in ("ok", "diverged") for row in summaries):
+            continue
+        found.append((mtime, str(run_dir)))
+    return Path(max(found)[1]) if found else None
+
+
+def remove_stale_temp(directory: Path) -> None:
+    """Delete the temporary files a killed writer left in a run directory (call it only where no
+    other process writes: a run's own directory, before the run starts writing again)."""
+    for name in ("metrics.csv", "summary.csv", CHECKPOINT, CHECKPOINT_INFO):
+        remove_quietly(*Path(directory).glob(f".{name}.*.tmp"))
+
+
+def remove_quietly(*paths: Path) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def remove_if_only_hydra(run_dir: Path, results_dir: Path) -> None:
+    """Remove a run directory that holds nothing but what Hydra wrote, and its empty parents
+    up to `results_dir`."""
+    if not run_dir.is_dir() or any(p.name != ".hydra" for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent, stop = run_dir.parent, Path(results_dir).resolve()
+    while parent.resolve() != stop and parent.is_dir() and not any(parent.iterdir()) and stop in parent.resolve().parents:
+        try:
+            parent.rmdir()
+        except OSError:  # someone wrote into it meanwhile
+            break
+        parent = parent.parent

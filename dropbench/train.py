@@ -2,37 +2,72 @@
 
 Data sit on the device; each step gathers a batch [R, B, ...] through per-replica index
 permutations, computes the regularized loss per replica, and steps all replicas together. After
-every epoch both splits are evaluated under the regularizers' evaluation rule and metrics.csv is
-rewritten; when the run ends (finished, diverged, failed or interrupted) summary.csv is written.
+every epoch both splits are evaluated under the regularizers' evaluation rule, metrics.csv is
+rewritten and a checkpoint saved; when the run ends (finished, diverged, failed or interrupted)
+summary.csv is written. Every file is written atomically (dropbench.results.atomic_file).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dropbench import __version__
-from dropbench.config import UserError, check_run_config, check_writable
+from dropbench.config import UserError, check_run_config, check_writable, one_line
 from dropbench.data import Dataset
 from dropbench.regularizers import Regularizers, build_regularizers
 from dropbench.replicas import ReplicaRNG
-from dropbench.results import (METRICS_COLUMNS, SUMMARY_COLUMNS, config_columns, find_finished, identity,
-                               write_csv)
+from dropbench.results import (CHECKPOINT, CHECKPOINT_INFO, METRICS_COLUMNS, SUMMARY_COLUMNS, atomic_file,
+                               config_columns, find_finished, find_resumable, identity, remove_if_only_hydra,
+                               remove_quietly, remove_stale_temp, write_checkpoint_info, write_csv)
+
+CHECKPOINT_FORMAT = 1
 
 
-def build(node: DictConfig, **kwargs):
-    """Instantiate a config group node; its `name` key labels results and is not an argument."""
-    return instantiate({k: v for k, v in node.items() if k != "name"}, **kwargs)
+def build(node: DictConfig, what: str, **kwargs):
+    """Instantiate a config group node; its `name` key labels results, and is passed on only to a
+    target that takes a `name` argument (load_torchvision).
+
+    Whatever goes wrong while building from the config (a bad value, an argument the target does
+    not take) is the config's fault: it becomes a one-line UserError naming the group.
+    """
+    try:
+        target = get_object(str(node.get("_target_")))
+    except Exception as error:  # no such class or function
+        raise UserError(f"cannot build {what} {node.get('name')}: _target_={node.get('_target_')!r} "
+                        f"({type(error).__name__}: {one_line(error)})") from None
+    try:
+        takes_name = "name" in inspect.signature(target).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        takes_name = False
+    try:
+        return instantiate({k: v for k, v in node.items() if k != "name" or takes_name}, **kwargs)
+    except InstantiationException as error:
+        raise _user_error(what, node.get("name"), error) from None
+
+
+def _user_error(what: str, name, error: InstantiationException) -> UserError:
+    cause = error.__cause__
+    while isinstance(cause, InstantiationException):
+        cause = cause.__cause__
+    if isinstance(cause, UserError):
+        return cause
+    detail = f"{type(cause).__name__}: {one_line(cause)}" if cause is not None else one_line(error)
+    return UserError(f"cannot build {what}{f' {name}' if name else ''} from its config ({detail})")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,10 +75,13 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name.startswith("cuda"):
+    if isinstance(name, str) and name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"device={name} is not available: PyTorch sees no CUDA GPU here; use device=cpu or auto")
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"device={name!r} is not allowed; choose auto, cpu, cuda or cuda:N") from None
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"device={name} is not available; this machine has {torch.cuda.device_count()} GPU(s)")
         return device
@@ -71,6 +109,26 @@ class Replica:
     error: str = ""
 
 
+@dataclass
+class JobResult:
+    """How a job ended ("ok", "diverged", "failed", "interrupted" or "skipped") and where it wrote."""
+
+    status: str
+    run_dir: Path
+
+
+@dataclass
+class Session:
+    """Everything a run needs to go on after a restart (what checkpoint.pt holds, with the model's,
+    optimizer's, scheduler's and random generators' states)."""
+
+    run_dir: Path
+    replicas: list
+    started_at: str
+    resumed_from: int | None = None  # last epoch of the checkpoint this run was continued from
+    earlier_seconds: float = 0.0  # wall time spent before that checkpoint
+
+
 @torch.no_grad()
 def evaluate(model, regs: Regularizers, x: torch.Tensor, y: torch.Tensor, replicas: int, batch_size: int):
     """Mean loss, accuracy and predictive entropy per replica over (x, y), under the evaluation rule."""
@@ -88,63 +146,104 @@ def evaluate(model, regs: Regularizers, x: torch.Tensor, y: torch.Tensor, replic
     return (loss / n).tolist(), (correct / n).tolist(), (entropy / n).tolist()
 
 
-def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: int = 1) -> str:
-    """Run one job; returns its status ("ok", "diverged", "failed", "interrupted" or "skipped").
+def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: int = 1) -> JobResult:
+    """Run one job (or continue it from its checkpoint with resume=true) and return how it ended.
 
     Raises UserError before anything is written if the config is invalid.
     """
     check_run_config(cfg)
-    device = resolve_device(cfg.device)
+    check_writable(cfg.results_dir)
     check_writable(str(output_dir))
+    device = resolve_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
     seeds = [cfg.seed + k for k in range(cfg.parallel_seeds)]
-    if multirun and not cfg.force:  # an interrupted sweep re-run skips what already finished
+    if (multirun or cfg.resume) and not cfg.force:  # a re-run skips what already finished
         done = {s: find_finished(cfg.results_dir, identity(config, s)[0]) for s in seeds}
         for s, where in done.items():
             if where is not None:
                 print(f"dropbench: seed {s} of this job already finished in {where}; skipped (force=true re-runs)")
         seeds = [s for s in seeds if done[s] is None]
         if not seeds:
-            return "skipped"
+            return JobResult("skipped", output_dir)
+    keys = {s: identity(config, s) for s in seeds}
+    found = find_resumable(cfg.results_dir, [keys[s][0] for s in seeds], device.type)
+    if found is not None and not cfg.resume:
+        if found != output_dir:
+            print(f"dropbench: an unfinished run of this job has a checkpoint in {found}; starting afresh "
+                  f"(resume=true continues it instead)")
+        found = None
+    elif cfg.resume and found is None:
+        print("dropbench: resume=true but no unfinished run of this config has a checkpoint; starting afresh")
+    if found is not None and found != output_dir:  # the run goes on in its own directory
+        remove_if_only_hydra(output_dir, Path(cfg.results_dir))
+    run_dir = found or output_dir
+    threads = threads_for_job(cfg.threads, parallel_jobs)
+    torch.set_num_threads(threads)
 
-    torch.set_num_threads(threads_for_job(cfg.threads, parallel_jobs))
-    data: Dataset = build(cfg.dataset, device=device)
-    rng = ReplicaRNG(seeds, device)
-    regs = build_regularizers(cfg.regularizer)
-    model = build(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes, regs=regs, rng=rng).to(device)
-    regs.check_model(model)
-    optimizer = build(cfg.optimizer, params=model.parameters())
-    scheduler = build(cfg.schedule, optimizer=optimizer) if "_target_" in cfg.schedule else None
+    replicas = [Replica(s, *keys[s], run_dir / f"seed_{s}" if cfg.parallel_seeds > 1 else run_dir) for s in seeds]
+    session = Session(run_dir, replicas, _now())
+    regs, started, t_start = None, False, time.perf_counter()
+    with _signals_interrupt():
+        try:
+            data, model, regs, optimizer, scheduler, rng = _build(cfg, device, seeds)
+            parts = (model, optimizer, scheduler, rng, regs)
+            if found is not None:
+                _restore(session, parts, device)
+            else:
+                _start_afresh(session)
+            started = True  # from here on the run directory tells how far it got
 
-    replicas = []
-    for s in seeds:
-        run_key, group_key = identity(config, s)
-        out = output_dir / f"seed_{s}" if cfg.parallel_seeds > 1 else output_dir
-        replicas.append(Replica(s, run_key, group_key, out))
-    started_at, t_start = _now(), time.perf_counter()
-    try:
-        _fit(cfg, data, model, regs, optimizer, scheduler, rng, replicas)
-    except KeyboardInterrupt:
-        _finish(replicas, "interrupted", "")
-        _write_summaries(cfg, config, regs, replicas, started_at, time.perf_counter() - t_start, device)
-        raise
-    except UserError:
-        raise
-    except Exception as error:  # a crash is recorded as a failed run so that a sweep goes on
-        _finish(replicas, "failed", f"{type(error).__name__}: {error}")
-    else:
-        _finish(replicas, "ok", "")
-    _write_summaries(cfg, config, regs, replicas, started_at, time.perf_counter() - t_start, device)
+            def checkpoint(epoch: int) -> None:
+                _save_checkpoint(session, parts, epoch, time.perf_counter() - t_start, device)
+
+            _fit(cfg, data, model, regs, optimizer, scheduler, rng, replicas,
+                 start_epoch=(session.resumed_from or 0) + 1, checkpoint=checkpoint)
+        except KeyboardInterrupt:
+            if started:
+                with _signals_ignored():  # a second Ctrl-C must not cut the state being written
+                    _finish(replicas, "interrupted", "")
+                    for rep in replicas:  # the signal may have cut the last metrics.csv write short
+                        if rep.rows:
+                            write_csv(rep.out_dir / "metrics.csv", rep.rows, METRICS_COLUMNS)
+                    _write_summaries(cfg, config, regs, session, time.perf_counter() - t_start, device, threads)
+            raise
+        except Exception as error:  # a crash is recorded as a failed run so that a sweep goes on
+            if not started and isinstance(error, UserError):
+                raise  # a config problem found while building: nothing written, one line
+            _finish(replicas, "failed", f"{type(error).__name__}: {error}")
+        else:
+            _finish(replicas, "ok", "")
+        _write_summaries(cfg, config, regs, session, time.perf_counter() - t_start, device, threads)
     statuses = {r.status for r in replicas}
-    return "failed" if "failed" in statuses else "diverged" if statuses == {"diverged"} else "ok"
+    if statuses <= {"ok", "diverged"} and not cfg.keep_checkpoint:  # nothing left to continue
+        remove_quietly(run_dir / CHECKPOINT, run_dir / CHECKPOINT_INFO)
+    status = "failed" if "failed" in statuses else "diverged" if statuses == {"diverged"} else "ok"
+    return JobResult(status, run_dir)
 
 
-def _fit(cfg, data: Dataset, model, regs: Regularizers, optimizer, scheduler, rng: ReplicaRNG, replicas) -> None:
+def _build(cfg: DictConfig, device: torch.device, seeds: list[int]):
+    """Data, model, regularizers, optimizer, scheduler and generators from the config."""
+    data: Dataset = build(cfg.dataset, "dataset", device=device)
+    rng = ReplicaRNG(seeds, device)
+    try:
+        regs = build_regularizers(cfg.regularizer)
+    except InstantiationException as error:
+        raise _user_error("regularizer", None, error) from None
+    model = build(cfg.model, "model", in_shape=data.in_shape, num_classes=data.num_classes, regs=regs,
+                  rng=rng).to(device)
+    regs.check_model(model)
+    optimizer = build(cfg.optimizer, "optimizer", params=model.parameters())
+    scheduler = build(cfg.schedule, "schedule", optimizer=optimizer) if "_target_" in cfg.schedule else None
+    return data, model, regs, optimizer, scheduler, rng
+
+
+def _fit(cfg, data: Dataset, model, regs: Regularizers, optimizer, scheduler, rng: ReplicaRNG, replicas,
+         start_epoch: int = 1, checkpoint=None) -> None:
     R, n, B = rng.replicas, len(data.x_train), cfg.batch_size
-    live = torch.ones(R, dtype=torch.bool)
+    live = torch.tensor([rep.status == "running" for rep in replicas])
     with _progress(cfg) as bar:
-        task = bar.add_task("train", total=cfg.epochs) if bar else None
-        for epoch in range(1, cfg.epochs + 1):
+        task = bar.add_task("train", total=cfg.epochs, completed=start_epoch - 1) if bar else None
+        for epoch in range(start_epoch, cfg.epochs + 1):
             model.train()
             t0 = time.perf_counter()
             epoch_loss = torch.zeros(R, device=data.x_train.device)
@@ -181,6 +280,8 @@ def _fit(cfg, data: Dataset, model, regs: Regularizers, optimizer, scheduler, rn
                 bar.update(task, advance=1, description=f"epoch {epoch} test acc {max(test_metrics[1]):.3f}")
             if not live.any():
                 return
+            if checkpoint is not None:
+                checkpoint(epoch)
 
 
 def _row(epoch, split, metrics, r, seconds) -> dict:
@@ -195,30 +296,151 @@ def _finish(replicas, status: str, error: str) -> None:
             rep.status, rep.error = status, error
 
 
-def _write_summaries(cfg, config, regs: Regularizers, replicas, started_at, wall_seconds, device) -> None:
-    reg_params = regs.summary()
+def _write_summaries(cfg, config, regs: Regularizers | None, session: Session, wall_seconds, device,
+                     threads: int) -> None:
+    if regs is not None:
+        name, reg_params = regs.name, regs.summary()
+    else:  # stopped before the regularizers were built
+        name, reg_params = "+".join(cfg.regularizer.get("methods") or {}) or "none", {"p": cfg.regularizer.get("p", "")}
     p = reg_params.get("p", "")
-    p = "/".join(str(v) for v in p) if isinstance(p, list) else p
+    p = "/".join(str(v) for v in p) if isinstance(p, (list, tuple)) or OmegaConf.is_list(p) else p
     columns = SUMMARY_COLUMNS + sorted(config_columns(config))
+    replicas = session.replicas
     for rep in replicas:
         train = [row for row in rep.rows if row["split"] == "train"]
         test = [row for row in rep.rows if row["split"] == "test"]
         best = max(test, key=lambda row: row["accuracy"]) if test else None
         summary = {
             "format": 1, "run_id": uuid.uuid4().hex[:12], "run_key": rep.run_key, "group_key": rep.group_key,
-            "status": rep.status, "dataset": cfg.dataset.name, "model": cfg.model.name, "regularizer": regs.name,
+            "status": rep.status, "dataset": cfg.dataset.name, "model": cfg.model.name, "regularizer": name,
             "p": p, "seed": rep.seed, "epochs": cfg.epochs, "lr": cfg.optimizer.lr, "batch_size": cfg.batch_size,
             "optimizer": cfg.optimizer.name, "epochs_completed": len(test), "diverged_epoch": rep.diverged_epoch,
             "train_acc": train[-1]["accuracy"] if train else "", "test_acc": test[-1]["accuracy"] if test else "",
             "best_test_acc": best["accuracy"] if best else "", "best_epoch": best["epoch"] if best else "",
             "gap": train[-1]["accuracy"] - test[-1]["accuracy"] if test else "",
             "train_loss": train[-1]["loss"] if train else "", "test_loss": test[-1]["loss"] if test else "",
-            "test_entropy": test[-1]["entropy"] if test else "", "wall_seconds": round(wall_seconds, 3),
-            "parallel_seeds": len(replicas), "error": rep.error, "started_at": started_at, "finished_at": _now(),
-            "device": str(device), "dropbench_version": __version__,
+            "test_entropy": test[-1]["entropy"] if test else "",
+            "wall_seconds": round(session.earlier_seconds + wall_seconds, 3),
+            "parallel_seeds": len(replicas), "error": rep.error, "started_at": session.started_at,
+            "finished_at": _now(), "device": str(device), "dropbench_version": __version__,
+            "threads": threads, "resumed_from_epoch": session.resumed_from or "",
             **config_columns({**config, "seed": rep.seed}),
         }
         write_csv(rep.out_dir / "summary.csv", [summary], columns)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+def _start_afresh(session: Session) -> None:
+    """A run directory being (re)used from the start holds nothing of an earlier attempt."""
+    for rep in session.replicas:
+        remove_quietly(rep.out_dir / "summary.csv", rep.out_dir / "metrics.csv")
+        remove_stale_temp(rep.out_dir)
+    remove_quietly(session.run_dir / CHECKPOINT, session.run_dir / CHECKPOINT_INFO)
+    remove_stale_temp(session.run_dir)
+
+
+def _save_checkpoint(session: Session, parts, epoch: int, seconds: float, device: torch.device) -> None:
+    """State at the end of `epoch`, written atomically; checkpoint.json (run keys) beside it."""
+    model, optimizer, scheduler, rng, regs = parts
+    state = {
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, "started_at": session.started_at,
+        "wall_seconds": session.earlier_seconds + seconds,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": _rng_state(rng, device),
+        # a method that keeps state outside the model's parameters and buffers exposes state_dict()
+        "regularizers": {m.name: m.state_dict() for m in regs.methods if hasattr(m, "state_dict")},
+        "replicas": [{"seed": r.seed, "status": r.status, "diverged_epoch": r.diverged_epoch, "rows": r.rows}
+                     for r in session.replicas],
+    }
+    with atomic_file(session.run_dir / CHECKPOINT, "wb") as f:
+        torch.save(state, f)
+    write_checkpoint_info(session.run_dir, [r.run_key for r in session.replicas],
+                          [os.path.relpath(r.out_dir, session.run_dir) for r in session.replicas], device.type)
+
+
+def _restore(session: Session, parts, device: torch.device) -> None:
+    """Continue from run_dir's checkpoint: every state as it was at the end of its epoch."""
+    model, optimizer, scheduler, rng, regs = parts
+    path = session.run_dir / CHECKPOINT
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        _load_rng_state(rng, state["rng"], device)
+        for m in regs.methods:
+            if hasattr(m, "load_state_dict") and m.name in state["regularizers"]:
+                m.load_state_dict(state["regularizers"][m.name])
+        saved = {r["seed"]: r for r in state["replicas"]}
+        for rep in session.replicas:
+            r = saved[rep.seed]
+            rep.rows, rep.status, rep.diverged_epoch = r["rows"], r["status"], r["diverged_epoch"]
+    except Exception as error:
+        raise UserError(f"cannot resume from {path} ({type(error).__name__}: {one_line(error)}); "
+                        f"delete it, or run without resume=true") from None
+    remove_stale_temp(session.run_dir)
+    for rep in session.replicas:  # the directory holds a running run again
+        remove_quietly(rep.out_dir / "summary.csv")
+        remove_stale_temp(rep.out_dir)
+        write_csv(rep.out_dir / "metrics.csv", rep.rows, METRICS_COLUMNS)
+    session.resumed_from, session.started_at = state["epoch"], state["started_at"]
+    session.earlier_seconds = state["wall_seconds"]
+    print(f"dropbench: resuming {session.run_dir} after epoch {state['epoch']}")
+
+
+def _rng_state(rng: ReplicaRNG, device: torch.device) -> dict:
+    state = {"replicas": rng.state(), "init": [g.get_state() for g in rng.init], "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _load_rng_state(rng: ReplicaRNG, state: dict, device: torch.device) -> None:
+    rng.load_state(state["replicas"])
+    for g, s in zip(rng.init, state["init"]):
+        g.set_state(s)
+    torch.set_rng_state(state["torch"])  # nn.functional.dropout (impl=torch) draws from it
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# -- signals -------------------------------------------------------------------------------------------
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def _signals_interrupt():
+    """SIGTERM (a scheduler's kill, `kill PID`) stops the run like Ctrl-C: its state is written first.
+
+    Set here as well as in the CLI, for launchers that run jobs in worker processes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def _signals_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _now() -> str:
