@@ -1,11 +1,18 @@
-"""User-facing configuration checks: everything a user can get wrong is caught here, before a
-run writes anything, and reported as one `UserError` line (never a traceback)."""
+"""Config to objects, and the checks of what a user can get wrong.
+
+Every config group node becomes an object through `build` (Hydra's instantiate of its
+`_target_`); every value a user can get wrong is checked by the helpers here, before a run writes
+anything, and reported as one `UserError` line (never a traceback)."""
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 from numbers import Number
 
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig
 
 
@@ -42,6 +49,37 @@ def probabilities(name: str, value, count: int) -> list[float]:
             )
         return [probability(name, v) for v in value]
     return [probability(name, value)] * count
+
+
+def non_negative(name: str, value) -> float:
+    """A number >= 0 (a strength such as alpha or lambda, where 0 switches the method off)."""
+    if isinstance(value, bool) or not isinstance(value, Number) or not 0.0 <= value < math.inf:
+        raise UserError(f"{name}={value!r} is not allowed; it must be a number >= 0")
+    return float(value)
+
+
+def real(name: str, value) -> float:
+    """Any finite number."""
+    if isinstance(value, bool) or not isinstance(value, Number) or not math.isfinite(value):
+        raise UserError(f"{name}={value!r} is not allowed; it must be a finite number")
+    return float(value)
+
+
+def choice(name: str, value, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise UserError(f"{name}={value!r} is not allowed; choose {' or '.join(allowed)}")
+    return value
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{name}={value!r} is not allowed; it must be true or false")
+    return value
+
+
+def scalar_or_list(p):
+    """A p that may be one number or one per hidden layer (kept as a list for summary())."""
+    return list(p) if isinstance(p, (list, tuple, ListConfig)) else p
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -87,3 +125,35 @@ def one_line(error: BaseException | str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
     return " ".join(lines) or type(error).__name__
+
+
+def build(node: DictConfig, what: str, **kwargs):
+    """Instantiate a config group node; its `name` key labels results, and is passed on only to a
+    target that takes a `name` argument (load_torchvision).
+
+    Whatever goes wrong while building from the config (a bad value, an argument the target does
+    not take) is the config's fault: it becomes a one-line UserError naming the group.
+    """
+    try:
+        target = get_object(str(node.get("_target_")))
+    except Exception as error:  # no such class or function
+        raise UserError(f"cannot build {what} {node.get('name')}: _target_={node.get('_target_')!r} "
+                        f"({type(error).__name__}: {one_line(error)})") from None
+    try:
+        takes_name = "name" in inspect.signature(target).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        takes_name = False
+    try:
+        return instantiate({k: v for k, v in node.items() if k != "name" or takes_name}, **kwargs)
+    except InstantiationException as error:
+        raise _user_error(what, node.get("name"), error) from None
+
+
+def _user_error(what: str, name, error: InstantiationException) -> UserError:
+    cause = error.__cause__
+    while isinstance(cause, InstantiationException):
+        cause = cause.__cause__
+    if isinstance(cause, UserError):
+        return cause
+    detail = f"{type(cause).__name__}: {one_line(cause)}" if cause is not None else one_line(error)
+    return UserError(f"cannot build {what}{f' {name}' if name else ''} from its config ({detail})")

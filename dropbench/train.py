@@ -9,7 +9,6 @@ summary.csv is written. Every file is written atomically (dropbench.results.atom
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import sys
@@ -22,12 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dropbench import __version__
-from dropbench.config import UserError, check_run_config, check_writable, one_line
+from dropbench.config import UserError, build, check_run_config, check_writable, one_line
 from dropbench.data import Dataset
 from dropbench.regularizers import Regularizers, build_regularizers
 from dropbench.replicas import ReplicaRNG
@@ -36,38 +33,6 @@ from dropbench.results import (CHECKPOINT, CHECKPOINT_INFO, METRICS_COLUMNS, SUM
                                remove_quietly, remove_stale_temp, write_checkpoint_info, write_csv)
 
 CHECKPOINT_FORMAT = 1
-
-
-def build(node: DictConfig, what: str, **kwargs):
-    """Instantiate a config group node; its `name` key labels results, and is passed on only to a
-    target that takes a `name` argument (load_torchvision).
-
-    Whatever goes wrong while building from the config (a bad value, an argument the target does
-    not take) is the config's fault: it becomes a one-line UserError naming the group.
-    """
-    try:
-        target = get_object(str(node.get("_target_")))
-    except Exception as error:  # no such class or function
-        raise UserError(f"cannot build {what} {node.get('name')}: _target_={node.get('_target_')!r} "
-                        f"({type(error).__name__}: {one_line(error)})") from None
-    try:
-        takes_name = "name" in inspect.signature(target).parameters
-    except (TypeError, ValueError):  # no signature to read (a builtin)
-        takes_name = False
-    try:
-        return instantiate({k: v for k, v in node.items() if k != "name" or takes_name}, **kwargs)
-    except InstantiationException as error:
-        raise _user_error(what, node.get("name"), error) from None
-
-
-def _user_error(what: str, name, error: InstantiationException) -> UserError:
-    cause = error.__cause__
-    while isinstance(cause, InstantiationException):
-        cause = cause.__cause__
-    if isinstance(cause, UserError):
-        return cause
-    detail = f"{type(cause).__name__}: {one_line(cause)}" if cause is not None else one_line(error)
-    return UserError(f"cannot build {what}{f' {name}' if name else ''} from its config ({detail})")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -225,10 +190,7 @@ def _build(cfg: DictConfig, device: torch.device, seeds: list[int]):
     """Data, model, regularizers, optimizer, scheduler and generators from the config."""
     data: Dataset = build(cfg.dataset, "dataset", device=device)
     rng = ReplicaRNG(seeds, device)
-    try:
-        regs = build_regularizers(cfg.regularizer)
-    except InstantiationException as error:
-        raise _user_error("regularizer", None, error) from None
+    regs = build_regularizers(cfg.regularizer)
     model = build(cfg.model, "model", in_shape=data.in_shape, num_classes=data.num_classes, regs=regs,
                   rng=rng).to(device)
     regs.check_model(model)

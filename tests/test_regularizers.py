@@ -24,7 +24,6 @@ from dropbench.regularizers.batchnorm import ReplicaBatchNorm
 from dropbench.regularizers.dropconnect import DropConnectLinear
 from dropbench.regularizers.dropout import DropoutLayer
 from dropbench.regularizers.dropout_scaled import ScaledDropoutLayer
-from dropbench.regularizers.gaussian import GaussianNoise
 from dropbench.regularizers.rdrop import symmetric_kl
 from dropbench.regularizers.standout import StandoutLinear
 from dropbench.replicas import ReplicaLinear, ReplicaRNG

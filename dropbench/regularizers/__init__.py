@@ -10,17 +10,12 @@ gaussian, standout, l1 / l2 (penalties), maxnorm, batchnorm, mc_dropout. See doc
 
 from __future__ import annotations
 
-import math
-from numbers import Number
-
 import torch
 import torch.nn.functional as F
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 from torch import nn
 
-from dropbench.config import UserError
+from dropbench.config import UserError, build
 from dropbench.replicas import ReplicaConv, ReplicaLinear, ReplicaRNG
 
 
@@ -78,38 +73,6 @@ class Regularizer:
 
 
 LAYER_PLACES = ("input_layer", "hidden_linear", "norm_layer", "hidden_layer")
-
-
-# -- parameter checks shared by the methods (dropbench.config has the generic ones) ---------------
-def non_negative(name: str, value) -> float:
-    """A number >= 0 (a strength such as alpha or lambda, where 0 switches the method off)."""
-    if isinstance(value, bool) or not isinstance(value, Number) or not 0.0 <= value < math.inf:
-        raise UserError(f"{name}={value!r} is not allowed; it must be a number >= 0")
-    return float(value)
-
-
-def real(name: str, value) -> float:
-    """Any finite number."""
-    if isinstance(value, bool) or not isinstance(value, Number) or not math.isfinite(value):
-        raise UserError(f"{name}={value!r} is not allowed; it must be a finite number")
-    return float(value)
-
-
-def choice(name: str, value, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise UserError(f"{name}={value!r} is not allowed; choose {' or '.join(allowed)}")
-    return value
-
-
-def flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise UserError(f"{name}={value!r} is not allowed; it must be true or false")
-    return value
-
-
-def scalar_or_list(p):
-    """A p that may be one number or one per hidden layer (kept as a list for summary())."""
-    return list(p) if isinstance(p, (list, tuple, ListConfig)) else p
 
 
 # -- weights the penalties and constraints act on -------------------------------------------------
@@ -207,16 +170,7 @@ def build_regularizers(cfg: DictConfig) -> Regularizers:
     """Instantiate every entry of `regularizer.methods` (a dict name -> {_target_, params})."""
     methods = []
     for name, node in (cfg.get("methods") or {}).items():
-        try:
-            method = instantiate(node)
-        except InstantiationException as error:  # Hydra wraps what the constructor raised
-            cause = error.__cause__
-            while isinstance(cause, InstantiationException):
-                cause = cause.__cause__
-            if isinstance(cause, UserError):
-                raise cause from None
-            detail = " ".join(str(cause or error).split())
-            raise UserError(f"cannot build regularizer {name} from its config ({type(cause or error).__name__}: {detail})") from None
+        method = build(node, f"regularizer {name}")
         method.name = name
         methods.append(method)
     return Regularizers(methods)

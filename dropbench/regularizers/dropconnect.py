@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dropbench.config import positive_int, probabilities
-from dropbench.regularizers import Regularizer, choice, flag, scalar_or_list
+from dropbench.config import choice, flag, positive_int, probabilities, scalar_or_list
+from dropbench.regularizers import Regularizer
 from dropbench.replicas import ReplicaLinear, ReplicaRNG
 
 

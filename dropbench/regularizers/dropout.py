@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from omegaconf import ListConfig
 from torch import nn
 
-from dropbench.config import UserError, probabilities, probability
+from dropbench.config import choice, probabilities, probability, scalar_or_list
 from dropbench.regularizers import Regularizer
 from dropbench.replicas import ReplicaRNG
 
@@ -50,10 +49,8 @@ class Dropout(Regularizer):
     layer = DropoutLayer  # the module placed after each hidden activation (and on the inputs)
 
     def __init__(self, p=0.5, input_p: float = 0.0, impl: str = "own"):
-        if impl not in ("own", "torch"):
-            raise UserError(f"regularizer.impl={impl!r} is not allowed; choose own or torch")
-        self.p = list(p) if isinstance(p, (list, tuple, ListConfig)) else p
-        self.impl = impl
+        self.impl = choice("regularizer.impl", impl, ("own", "torch"))
+        self.p = scalar_or_list(p)
         self.input_p = probability("regularizer.input_p", input_p)
         probabilities("regularizer.p", self.p, len(self.p) if isinstance(self.p, list) else 1)
 

@@ -17,8 +17,8 @@ import math
 import torch
 from torch import nn
 
-from dropbench.config import probabilities
-from dropbench.regularizers import Regularizer, non_negative, scalar_or_list
+from dropbench.config import non_negative, probabilities, scalar_or_list
+from dropbench.regularizers import Regularizer
 from dropbench.replicas import ReplicaRNG
 
 

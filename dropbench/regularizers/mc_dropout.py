@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropbench.config import positive_int
-from dropbench.regularizers import Regularizer, scalar_or_list
+from dropbench.config import positive_int, scalar_or_list
+from dropbench.regularizers import Regularizer
 
 
 class MCDropout(Regularizer):

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dropbench.config import positive_int, probabilities
-from dropbench.regularizers import Regularizer, cross_entropy, scalar_or_list
+from dropbench.config import positive_int, probabilities, scalar_or_list
+from dropbench.regularizers import Regularizer, cross_entropy
 from dropbench.regularizers.dropout import DropoutLayer
 from dropbench.replicas import ReplicaRNG
 

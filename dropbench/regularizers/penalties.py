@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dropbench.regularizers import Regularizer, non_negative, weight_layers
+from dropbench.config import non_negative
+from dropbench.regularizers import Regularizer, weight_layers
 
 
 class L1(Regularizer):

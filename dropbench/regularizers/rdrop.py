@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropbench.regularizers import Regularizer, choice, cross_entropy, non_negative, scalar_or_list
+from dropbench.config import choice, non_negative, scalar_or_list
+from dropbench.regularizers import Regularizer, cross_entropy
 
 KL_REDUCTIONS = ("sum", "batchmean")
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dropbench.regularizers import Regularizer, real
+from dropbench.config import real
+from dropbench.regularizers import Regularizer
 from dropbench.replicas import ReplicaLinear, ReplicaRNG
 
 
