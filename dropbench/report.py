@@ -29,13 +29,11 @@ Statistics (only runs with status `ok` are counted):
 """
 
 import argparse
-import csv
 import math
 import os
 import sys
 import textwrap
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,8 +47,8 @@ from rich.table import Table
 from rich.text import Text
 from scipy import stats
 
-SUMMARY_FORMAT = 1
-STATUSES = ("ok", "diverged", "failed", "interrupted")
+from dropbench.results import NotASummary, atomic_file, check_summary
+
 # The summary.csv columns this report reads; other columns are carried along untouched.
 REQUIRED_COLUMNS = (
     "format", "run_key", "group_key", "status", "dataset", "model", "regularizer", "p",
@@ -126,30 +124,12 @@ def find_runs(root: Path, exclude: Path) -> tuple[list[Path], list[Path]]:
 def read_summary(path: Path) -> dict:
     """Read one summary.csv into a dict of strings; raise SkipFile unless it is a finished run."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [row for row in csv.reader(f) if row]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise SkipFile(f"unreadable: {e}") from None
-    if not rows:
-        raise SkipFile("empty file")
-    header, data = rows[0], rows[1:]
-    if "format" not in header:
-        raise SkipFile("not a dropbench summary (no 'format' column)")
-    if len(data) != 1:
-        raise SkipFile(f"expected 1 data row, found {len(data)} (half-written?)")
-    if len(data[0]) != len(header):
-        raise SkipFile(f"row has {len(data[0])} fields but header has {len(header)} (half-written?)")
-    run = dict(zip(header, data[0]))
-    if run["format"].strip() != str(SUMMARY_FORMAT):
-        raise SkipFile(f"summary format {run['format']!r}; this version reads format {SUMMARY_FORMAT}")
+        run = check_summary(path)
+    except NotASummary as e:
+        raise SkipFile(str(e)) from None
     missing = [c for c in REQUIRED_COLUMNS if c not in run]
     if missing:
         raise SkipFile(f"missing columns: {', '.join(missing)}")
-    if run["status"] not in STATUSES:
-        raise SkipFile(f"unknown status {run['status']!r}")
-    for key in ("run_key", "group_key"):
-        if not run[key]:
-            raise SkipFile(f"empty {key}")
     run["finished_at"] = parse_time(run["finished_at"])
     if run["status"] == "ok":
         check_numbers(run)
@@ -599,28 +579,16 @@ def plot_accuracy_vs_p(report: Report, path: Path) -> bool:
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)  # Figure without pyplot renders with Agg
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)  # Figure without pyplot renders with Agg
 
 
 # -----------------------------------------------------------------------------
 # output
 
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path next to `path`, moved into place only once fully written,
-    so a reader or a crash never leaves a half-written output."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def write_outputs(report: Report, out_dir: Path) -> list[Path]:
@@ -630,8 +598,8 @@ def write_outputs(report: Report, out_dir: Path) -> list[Path]:
     plots = ["learning_curves.png"]
     if plot_accuracy_vs_p(report, out_dir / "accuracy_vs_p.png"):
         plots.append("accuracy_vs_p.png")
-    with atomic_path(out_dir / "comparison.csv") as tmp:
-        comparison_csv(report.groups).to_csv(tmp, index=False)
+    with atomic_file(out_dir / "comparison.csv") as f:
+        comparison_csv(report.groups).to_csv(f, index=False, lineterminator="\n")
     write_text(out_dir / "comparison.md", markdown_report(report, plots))
     write_text(out_dir / "comparison.tex", latex_table(report))
     return [out_dir / name for name in ["comparison.csv", "comparison.md", "comparison.tex", *plots]]

@@ -103,30 +103,58 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+class NotASummary(Exception):
+    """A file named summary.csv that is not a finished dropbench run; the message says why."""
+
+
 def read_csv_rows(path: Path) -> list[dict] | None:
-    """The rows of a CSV file written by `write_csv`, or None unless the file is complete: it
-    must end with a newline and every row must have exactly the header's number of fields (a file
-    cut short anywhere fails one of the two)."""
+    """The rows of a CSV file written by `write_csv`, or None unless the file is complete."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return csv_rows(path)
+    except NotASummary:
+        return None
+
+
+def csv_rows(path: Path) -> list[dict]:
+    """The rows of a complete CSV file: it must end with a newline and every row must have exactly
+    the header's number of fields (a file cut short anywhere fails one of the two)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
         rows = list(csv.reader(io.StringIO(text, newline="")))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
-    if not text.endswith("\n") or not rows or any(len(row) != len(rows[0]) for row in rows):
-        return None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise NotASummary(f"unreadable: {error}") from None
+    if not rows:
+        raise NotASummary("empty file")
+    if not text.endswith("\n") or any(len(row) != len(rows[0]) for row in rows):
+        raise NotASummary("rows of unequal length or no final newline (half-written?)")
     return [dict(zip(rows[0], row)) for row in rows[1:]]
 
 
-def read_summary(path: Path) -> dict | None:
-    """The row of a dropbench summary.csv, or None for anything else (foreign, empty, half-written,
-    other format, unknown status)."""
-    rows = read_csv_rows(path)
-    if rows is None or len(rows) != 1:
-        return None
+def check_summary(path: Path) -> dict:
+    """The row of a dropbench summary.csv; raises NotASummary saying why for anything else
+    (foreign, empty, half-written, another format, unknown status)."""
+    rows = csv_rows(path)
+    if rows and "format" not in rows[0]:
+        raise NotASummary("not a dropbench summary (no 'format' column)")
+    if len(rows) != 1:
+        raise NotASummary(f"expected 1 data row, found {len(rows)}")
     row = rows[0]
-    if row.get("format") != str(FORMAT) or not row.get("run_key") or row.get("status") not in STATUSES:
-        return None
+    if row["format"].strip() != str(FORMAT):
+        raise NotASummary(f"summary format {row['format']!r}; this version reads format {FORMAT}")
+    if row.get("status") not in STATUSES:
+        raise NotASummary(f"unknown status {row.get('status')!r}")
+    for key in ("run_key", "group_key"):
+        if not row.get(key):
+            raise NotASummary(f"empty or missing {key}")
     return row
+
+
+def read_summary(path: Path) -> dict | None:
+    """The row of a dropbench summary.csv, or None for anything else (see check_summary)."""
+    try:
+        return check_summary(path)
+    except NotASummary:
+        return None
 
 
 def files_named(root: str | Path, name: str):
