@@ -154,7 +154,8 @@ def train(argv: list[str]) -> None:
             failures.append(result.run_dir)
             print(f"dropbench train: run failed, recorded in {result.run_dir}/summary.csv", file=sys.stderr)
         elif result.status != "skipped":
-            print(f"dropbench train: {result.status}: {result.run_dir}")
+            detail = f" ({result.accuracy})" if result.accuracy else ""
+            print(f"dropbench train: {result.status}{detail}: {result.run_dir}")
         return result.status
 
     sys.argv = ["dropbench train", *argv]

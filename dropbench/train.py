@@ -57,7 +57,12 @@ def threads_for_job(setting, parallel_jobs: int) -> int:
     """Torch threads for this process: parallel jobs share the cores instead of oversubscribing them."""
     if setting != "auto":
         return int(setting)
-    return max(1, (os.cpu_count() or 1) // max(1, parallel_jobs))
+    return max(1, available_cores() // max(1, parallel_jobs))
+
+
+def available_cores() -> int:
+    """Cores this process may run on: a Slurm or container allocation, not the whole machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
@@ -80,6 +85,7 @@ class JobResult:
 
     status: str
     run_dir: Path
+    accuracy: str = ""  # final test accuracy per seed, for the closing line
 
 
 @dataclass
@@ -183,7 +189,8 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
     if statuses <= {"ok", "diverged"} and not cfg.keep_checkpoint:  # nothing left to continue
         remove_quietly(run_dir / CHECKPOINT, run_dir / CHECKPOINT_INFO)
     status = "failed" if "failed" in statuses else "diverged" if statuses == {"diverged"} else "ok"
-    return JobResult(status, run_dir)
+    accuracy = ", ".join(f"seed {r.seed} test acc {r.rows[-1]['accuracy']:.3f}" for r in replicas if r.rows)
+    return JobResult(status, run_dir, accuracy)
 
 
 def _build(cfg: DictConfig, device: torch.device, seeds: list[int]):
