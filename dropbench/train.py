@@ -27,7 +27,7 @@ from dropbench import __version__
 from dropbench.config import UserError, build, check_run_config, check_writable, one_line
 from dropbench.data import Dataset
 from dropbench.regularizers import Regularizers, build_regularizers
-from dropbench.replicas import ReplicaRNG
+from dropbench.replicas import ReplicaRNG, gather_rows
 from dropbench.results import (CHECKPOINT, CHECKPOINT_INFO, METRICS_COLUMNS, SUMMARY_COLUMNS, atomic_file,
                                config_columns, find_finished, find_resumable, identity, remove_if_only_hydra,
                                remove_quietly, remove_stale_temp, write_checkpoint_info, write_csv)
@@ -206,25 +206,31 @@ def _build(cfg: DictConfig, device: torch.device, seeds: list[int]):
     return data, model, regs, optimizer, scheduler, rng
 
 
+def train_epoch(data: Dataset, model, regs: Regularizers, optimizer, rng: ReplicaRNG, batch_size: int) -> torch.Tensor:
+    """One pass over the training set in [R, B, ...] mini-batches; the summed loss per replica [R]."""
+    model.train()
+    epoch_loss = torch.zeros(rng.replicas, device=data.x_train.device)
+    order = rng.permutations(len(data.x_train))
+    for start in range(0, len(data.x_train), batch_size):
+        idx = order[:, start:start + batch_size]
+        loss = regs.loss(model, gather_rows(data.x_train, idx), gather_rows(data.y_train, idx))
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()  # replicas are independent: d(sum)/d(loss_r) = 1
+        optimizer.step()
+        regs.after_step(model)
+        epoch_loss += loss.detach()
+    return epoch_loss
+
+
 def _fit(cfg, data: Dataset, model, regs: Regularizers, optimizer, scheduler, rng: ReplicaRNG, replicas,
          start_epoch: int = 1, checkpoint=None) -> None:
-    R, n, B = rng.replicas, len(data.x_train), cfg.batch_size
+    R, B = rng.replicas, cfg.batch_size
     live = torch.tensor([rep.status == "running" for rep in replicas])
     with _progress(cfg) as bar:
         task = bar.add_task("train", total=cfg.epochs, completed=start_epoch - 1) if bar else None
         for epoch in range(start_epoch, cfg.epochs + 1):
-            model.train()
             t0 = time.perf_counter()
-            epoch_loss = torch.zeros(R, device=data.x_train.device)
-            order = rng.permutations(n)
-            for start in range(0, n, B):
-                idx = order[:, start:start + B]
-                loss = regs.loss(model, data.x_train[idx], data.y_train[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.sum().backward()  # replicas are independent: d(sum)/d(loss_r) = 1
-                optimizer.step()
-                regs.after_step(model)
-                epoch_loss += loss.detach()
+            epoch_loss = train_epoch(data, model, regs, optimizer, rng, B)
             if scheduler is not None:
                 scheduler.step()
             _sync(data.x_train.device)

@@ -23,6 +23,7 @@ from torch import nn
 
 from dropbench.config import UserError, positive_float
 from dropbench.regularizers import Regularizer
+from dropbench.replicas import aligned
 
 
 class ReplicaBatchNorm(nn.Module):
@@ -37,12 +38,11 @@ class ReplicaBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(replicas, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        R, B, C = x.shape[:3]
-        grouped = x.transpose(0, 1).reshape(B, R * C, *x.shape[3:])
-        # The buffers are contiguous [R, C]: their flat views are updated in place by batch_norm.
-        y = F.batch_norm(grouped, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
-                         self.bias.view(-1), self.training, self.momentum, self.eps)
-        return y.view(B, R, C, *x.shape[3:]).transpose(0, 1)
+        # One call per replica (a grouped call over R*C channels rounds differently from the single
+        # run); the rows running_mean[k], running_var[k] are views, updated in place by batch_norm.
+        outs = [F.batch_norm(aligned(x[k]), self.running_mean[k], self.running_var[k], self.weight[k], self.bias[k],
+                             self.training, self.momentum, self.eps) for k in range(len(x))]
+        return torch.stack(outs) if len(outs) > 1 else outs[0].unsqueeze(0)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, momentum={self.momentum}, eps={self.eps}"

@@ -31,7 +31,7 @@ from torch import nn
 
 from dropbench.config import choice, flag, positive_int, probabilities, scalar_or_list
 from dropbench.regularizers import Regularizer
-from dropbench.replicas import ReplicaLinear, ReplicaRNG
+from dropbench.replicas import ReplicaLinear, ReplicaRNG, aligned, replica_linear
 
 
 class DropConnectLinear(nn.Module):
@@ -54,16 +54,17 @@ class DropConnectLinear(nn.Module):
         if self.training:
             if self.per_example:
                 # [R, B, out, in]: one mask per example; u[r, n] = (M[r, n] * W[r]) x[r, n]
-                mask = self.rng.keep_mask((x.shape[1], *w.shape[1:]), keep)
-                u = torch.einsum("rnoi,rni->rno", w.unsqueeze(1) * mask, x) * (1.0 / keep)
+                # (one product per replica, so replica k computes what its single run computes)
+                mask = self.rng.keep_mask((x.shape[1], *w.shape[1:]), keep, 1.0 / keep)
+                u = torch.stack([torch.einsum("noi,ni->no", w[k] * mask[k], aligned(x[k])) for k in range(len(x))])
             else:
-                mask = self.rng.keep_mask(tuple(w.shape[1:]), keep)  # [R, out, in], shared by the batch
-                u = torch.bmm(x, (w * mask).transpose(1, 2)) * (1.0 / keep)
+                mask = self.rng.keep_mask(tuple(w.shape[1:]), keep, 1.0 / keep)  # [R, out, in], shared by the batch
+                u = replica_linear(x, w * mask)
             return self.activation(u + b.unsqueeze(1))
         mean = self.linear(x)
         if self.inference == "mean":
             return self.activation(mean)
-        var = (self.p / keep) * torch.bmm(x * x, (w * w).transpose(1, 2))  # [R, B, out]
+        var = (self.p / keep) * replica_linear(x * x, w * w)  # [R, B, out]
         noise = self.rng.normal((self.mc_samples, *mean.shape[1:]))  # [R, S, B, out]
         u = mean.unsqueeze(1) + var.sqrt().unsqueeze(1) * noise
         return self.activation(u).mean(1)

@@ -36,7 +36,7 @@ class DropoutLayer(nn.Module):
         if self.impl == "torch":
             return F.dropout(x, self.p, training=True)
         keep = 1.0 - self.p
-        return x * self.rng.keep_mask(tuple(x.shape[1:]), keep) * (1.0 / keep)
+        return x * self.rng.keep_mask(tuple(x.shape[1:]), keep, 1.0 / keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, impl={self.impl}"

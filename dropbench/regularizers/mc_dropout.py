@@ -40,8 +40,12 @@ class MCDropout(Regularizer):
         for m in random_layers:
             m.train()
         try:
-            logp = torch.stack([F.log_softmax(model(x), dim=-1) for _ in range(self.samples)])
+            # log sum_t p_t accumulated pass by pass: elementwise, so replica k gets the same
+            # numbers as its single run (a reduction over a stacked [T, R, ...] need not)
+            total = F.log_softmax(model(x), dim=-1)
+            for _ in range(self.samples - 1):
+                total = torch.logaddexp(total, F.log_softmax(model(x), dim=-1))
         finally:
             for m, mode in zip(random_layers, modes):
                 m.train(mode)
-        return torch.logsumexp(logp, dim=0) - math.log(self.samples)
+        return total - math.log(self.samples)
