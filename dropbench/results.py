@@ -166,6 +166,16 @@ def files_named(root: str | Path, name: str):
             yield Path(dirpath) / name
 
 
+def copy_run(source: Path, target: Path) -> None:
+    """Copy a finished run's metrics.csv and summary.csv (summary last) into `target`; the copy is
+    the same run (same run_key), which the report counts once."""
+    if Path(source).resolve() == Path(target).resolve():
+        return
+    for name in ("metrics.csv", "summary.csv"):
+        if (Path(source) / name).is_file():
+            write_atomic(Path(target) / name, (Path(source) / name).read_text(encoding="utf-8"))
+
+
 def find_finished(results_dir: str, run_key: str) -> Path | None:
     """A finished run (status ok or diverged: re-running would give the same) with this key, if any."""
     for path in files_named(results_dir, "summary.csv"):

@@ -29,7 +29,7 @@ from dropbench.data import Dataset
 from dropbench.regularizers import Regularizers, build_regularizers
 from dropbench.replicas import ReplicaRNG, gather_rows
 from dropbench.results import (CHECKPOINT, CHECKPOINT_INFO, METRICS_COLUMNS, SUMMARY_COLUMNS, atomic_file,
-                               config_columns, find_finished, find_resumable, identity, remove_if_only_hydra,
+                               config_columns, copy_run, find_finished, find_resumable, identity, remove_if_only_hydra,
                                remove_quietly, remove_stale_temp, write_checkpoint_info, write_csv)
 
 CHECKPOINT_FORMAT = 1
@@ -131,8 +131,11 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
     if (multirun or cfg.resume) and not cfg.force:  # a re-run skips what already finished
         done = {s: find_finished(cfg.results_dir, identity(config, s)[0]) for s in seeds}
         for s, where in done.items():
-            if where is not None:
-                print(f"dropbench: seed {s} of this job already finished in {where}; skipped (force=true re-runs)")
+            if where is not None:  # the sweep directory still gets the run's results, so it reports whole
+                here = output_dir / f"seed_{s}" if cfg.parallel_seeds > 1 else output_dir
+                copy_run(where, here)
+                print(f"dropbench: seed {s} of this job already finished in {where}; not trained again, "
+                      f"its results copied (force=true re-runs)")
         seeds = [s for s in seeds if done[s] is None]
         if not seeds:
             return JobResult("skipped", output_dir)
@@ -156,7 +159,7 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
     regs, started, t_start = None, False, time.perf_counter()
     with _signals_interrupt():
         try:
-            data, model, regs, optimizer, scheduler, rng = _build(cfg, device, seeds)
+            data, model, regs, optimizer, scheduler, rng = build_run(cfg, device, seeds)
             parts = (model, optimizer, scheduler, rng, regs)
             if found is not None:
                 _restore(session, parts, device)
@@ -193,7 +196,7 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
     return JobResult(status, run_dir, accuracy)
 
 
-def _build(cfg: DictConfig, device: torch.device, seeds: list[int]):
+def build_run(cfg: DictConfig, device: torch.device, seeds: list[int]):
     """Data, model, regularizers, optimizer, scheduler and generators from the config."""
     data: Dataset = build(cfg.dataset, "dataset", device=device)
     rng = ReplicaRNG(seeds, device)

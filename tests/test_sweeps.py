@@ -30,8 +30,9 @@ def test_3x3_sweep_then_rerun_skips_finished_runs(tmp_path):
     # the same sweep again, into another folder: every job is recognised by its config + seed
     again = run_cli("train", *SWEEP, f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/again")
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("already finished") == 9
-    assert not summaries(tmp_path / "again")
+    assert again.stdout.count("already finished") == 9 and "not trained again" in again.stdout
+    copied = summaries(tmp_path / "again")  # the new sweep folder holds the same runs, not new ones
+    assert {job: row["run_id"] for job, row in copied.items()} == {job: row["run_id"] for job, row in first.items()}
 
     # force=true re-runs them, with the same numbers
     forced = run_cli("train", *SWEEP, "regularizer.p=0.5", "seed=1", "force=true", f"results_dir={tmp_path}",
