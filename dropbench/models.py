@@ -28,11 +28,6 @@ def _activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-class Identity(nn.Module):
-    def forward(self, x):
-        return x
-
-
 class Flatten(nn.Module):
     """[R, B, *shape] -> [R, B, prod(shape)]."""
 
@@ -49,9 +44,9 @@ class HiddenBlock(nn.Module):
         if custom is not None and norm is not None:
             raise UserError("a method replacing hidden Linear layers cannot be combined with a normalization method")
         self.layer = custom if custom is not None else layer
-        self.norm = norm or Identity()
-        self.activation = Identity() if custom is not None else activation
-        self.after = after or Identity()
+        self.norm = norm or nn.Identity()
+        self.activation = nn.Identity() if custom is not None else activation
+        self.after = after or nn.Identity()
 
     def forward(self, x):
         return self.after(self.activation(self.norm(self.layer(x))))
@@ -103,7 +98,7 @@ def MLP(in_shape: tuple[int, ...], num_classes: int, regs: Regularizers, rng: Re
     """A multi-layer perceptron on flattened inputs; `hidden=[]` is logistic regression."""
     hidden = [positive_int("model.hidden", h) for h in hidden]
     in_features = math.prod(in_shape)
-    inputs = nn.Sequential(Flatten(), regs.input_layer((in_features,), rng) or Identity())
+    inputs = nn.Sequential(Flatten(), regs.input_layer((in_features,), rng) or nn.Identity())
     blocks, width = _linear_blocks(hidden, in_features, activation, regs, rng, 0, len(hidden))
     head = ReplicaLinear(rng.replicas, width, num_classes)
     return Classifier("logreg" if not hidden else "mlp", inputs, blocks, head, rng, init, init_std)
@@ -119,7 +114,7 @@ def CNN(in_shape: tuple[int, ...], num_classes: int, regs: Regularizers, rng: Re
         raise UserError(f"model cnn needs [C, L] or [C, H, W] inputs, the dataset gives {list(in_shape)}")
     num_hidden = len(channels) + len(hidden)
     shape = tuple(in_shape)
-    inputs = regs.input_layer(shape, rng) or Identity()
+    inputs = regs.input_layer(shape, rng) or nn.Identity()
     blocks = []
     for index, (c, k, s, p) in enumerate(zip(channels, kernel_sizes, strides, paddings)):
         conv = ReplicaConv(rng.replicas, len(in_shape) - 1, shape[0], positive_int("model.channels", c), k, s, p)
