@@ -433,12 +433,13 @@ def test_sigterm_stops_a_sweep_cleanly_and_a_rerun_completes_it(tmp_path):
     assert len(read_csv_rows(stopped_dir / "metrics.csv")) == 2 * int(stopped["epochs_completed"])
     assert (stopped_dir / "checkpoint.pt").exists() and (stopped_dir / "checkpoint.json").exists()
 
-    # the same sweep again, into another sweep directory: seed 0 is skipped, 1 and 2 run
+    # the same sweep again, into another sweep directory: seed 0 is copied, not trained; 1 and 2 run
     proc = run(train_cmd(*sweep, f"hydra.sweep.dir={results}/second"), tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "already finished" in proc.stdout and "resume=true continues it" in proc.stdout
-    second = summaries(results / "second")
-    assert sorted(r["seed"] for r in second.values()) == ["1", "2"]
+    second = {r["seed"]: r for r in summaries(results / "second").values()}
+    assert sorted(second) == ["0", "1", "2"]
+    assert second["0"]["run_id"] == rows["0"][1]["run_id"]  # the finished run itself
     assert all(r["status"] == "ok" and r["epochs_completed"] == "30" for r in second.values())
     everything = summaries(results)
     assert len({r["run_key"] for r in everything.values() if r["status"] == "ok"}) == 3
@@ -531,7 +532,10 @@ def test_finished_jobs_are_skipped_unless_forced(tmp_path):
         assert train_job(cfg("resume=true"), tmp_path / "c", multirun=False).status == "skipped"
         assert train_job(cfg("force=true"), tmp_path / "d", multirun=True).status == "ok"
         assert train_job(cfg("seed=1"), tmp_path / "e", multirun=True).status == "ok"
-    assert sorted(p.parent.name for p in tmp_path.rglob("summary.csv")) == ["a", "d", "e"]
+    runs = {p.parent.name: read_summary(p) for p in tmp_path.rglob("summary.csv")}
+    assert sorted(runs) == ["a", "b", "c", "d", "e"]
+    assert runs["b"]["run_id"] == runs["c"]["run_id"] == runs["a"]["run_id"]  # copies of the finished run
+    assert len({runs[k]["run_id"] for k in "ade"}) == 3  # trained
     with open(tmp_path / "a" / "summary.csv", newline="") as f:
         row = next(csv.DictReader(f))
     assert row["threads"] == "1" and row["resumed_from_epoch"] == ""
