@@ -19,6 +19,10 @@ for name in "${names[@]}"; do
     # d2l's FashionMNIST setup, run on the offline MNIST-1D data, with and without its dropout
     d2l_dropout) dropbench train -m experiment=d2l_dropout dataset=mnist1d regularizer=none,dropout \
                    parallel_seeds=3 hydra.sweep.dir=results/sweeps/d2l_dropout "${parallel[@]}" ;;
+    # the p sweep plus its `none` baseline (the ablation's, copied if it already ran)
+    p_sweep) dropbench train experiment=p_sweep "${parallel[@]}"
+             dropbench train experiment=ablation_all hydra.sweeper.params.regularizer=none \
+               hydra.sweep.dir=results/sweeps/p_sweep ;;
     *) dropbench train experiment="$name" "${parallel[@]}" ;;
   esac
   rm -rf "results/reports/$name"
