@@ -11,8 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from dropbench.data import Dataset
 from dropbench.models import CNN, MLP
 from dropbench.regularizers import build_regularizers
+from dropbench.train import train_epoch
 from dropbench.replicas import (MASK_BITS, ReplicaLinear, ReplicaRNG, _PerReplicaLinear, gather_rows,
                                 mask_keep_probability)
 
@@ -25,8 +27,15 @@ def _dropout_regs(p, input_p=0.0):
     return build_regularizers(OmegaConf.create(node))
 
 
+def _step_data(x, y, step, batch) -> Dataset:
+    """The `step`-th batch of (x, y) as a dataset: one training-loop step = train_epoch over it."""
+    part = slice(step * batch, (step + 1) * batch)
+    return Dataset("random", x[part], y[part], x[:0], y[:0], int(y.max()) + 1)
+
+
 def _train(seeds, optimizer, steps=6, batch=32, hidden=(48, 40), p=(0.2, 0.5), input_p=0.1):
-    """The training loop's step (dropbench.train._fit) on a small random dataset; returns the parameters."""
+    """`steps` steps of the training loop (dropbench.train.train_epoch) on random data; returns the
+    parameters and the loss of every step per replica."""
     gen = torch.Generator().manual_seed(1234)
     n = steps * batch  # every step a full batch
     x = torch.rand(n, 1, 6, 7, generator=gen)
@@ -36,17 +45,7 @@ def _train(seeds, optimizer, steps=6, batch=32, hidden=(48, 40), p=(0.2, 0.5), i
     model = MLP(tuple(x.shape[1:]), 5, regs, rng, hidden=list(hidden))
     regs.check_model(model)
     opt = optimizer(model.parameters())
-    model.train()
-    order = rng.permutations(len(x))
-    losses = []
-    for step in range(steps):
-        idx = order[:, step * batch:(step + 1) * batch]
-        loss = regs.loss(model, gather_rows(x, idx), gather_rows(y, idx))
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        opt.step()
-        regs.after_step(model)
-        losses.append(loss.detach())
+    losses = [train_epoch(_step_data(x, y, step, batch), model, regs, opt, rng, batch) for step in range(steps)]
     return [p.detach().clone() for p in model.parameters()], torch.stack(losses, 1)
 
 
@@ -95,13 +94,8 @@ def test_cnn_replicas_equal_single_runs(shape, batch):
         regs = _dropout_regs(0.3)
         model = CNN(shape, 10, regs, rng, hidden=[16])
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        order = rng.permutations(len(x))
-        for s in range(steps):
-            idx = order[:, s * batch:(s + 1) * batch]
-            loss = regs.loss(model, gather_rows(x, idx), gather_rows(y, idx))
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            opt.step()
+        for step in range(steps):
+            train_epoch(_step_data(x, y, step, batch), model, regs, opt, rng, batch)
         return [p.detach().clone() for p in model.parameters()]
 
     params = run([0, 1, 2])
