@@ -14,6 +14,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from dropbench import __version__
+from dropbench.results import files_named, read_summary, remove_if_only_hydra  # stdlib only: no torch
 
 USAGE = """usage: dropbench <command> [args]
 
@@ -120,6 +121,7 @@ def train(argv: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from dropbench.conf import __name__ as conf_package
+    from dropbench.config import UserError, check_run_config, check_writable, one_line
 
     # Hydra prints its own errors over several lines with a hint; let them reach us instead
     # (unless the user asked for Hydra's full tracebacks).
@@ -131,8 +133,6 @@ def train(argv: list[str]) -> None:
     def job(cfg) -> str:
         from hydra.core.hydra_config import HydraConfig
 
-        from dropbench.config import UserError, check_run_config, check_writable
-
         hc = HydraConfig.get()
         output_dir = Path(hc.runtime.output_dir)
         multirun = hc.mode.name == "MULTIRUN"
@@ -143,13 +143,13 @@ def train(argv: list[str]) -> None:
 
             result = train_job(cfg, output_dir, multirun, _parallel_jobs(hc) if multirun else 1)
         except UserError as error:  # one line and exit 2 (SystemExit passes Hydra's and joblib's handlers)
-            _remove_if_only_hydra(output_dir, Path(cfg.results_dir))
+            remove_if_only_hydra(output_dir, Path(cfg.results_dir))
             fail("train", str(error))
         except KeyboardInterrupt:  # stopped before the run had written anything: leave no empty run dir
-            _remove_if_only_hydra(output_dir, Path(cfg.results_dir))
+            remove_if_only_hydra(output_dir, Path(cfg.results_dir))
             raise
         if result.run_dir != output_dir or result.status == "skipped":
-            _remove_if_only_hydra(output_dir, Path(cfg.results_dir))
+            remove_if_only_hydra(output_dir, Path(cfg.results_dir))
         if result.status == "failed":
             failures.append(result.run_dir)
             print(f"dropbench train: run failed, recorded in {result.run_dir}/summary.csv", file=sys.stderr)
@@ -183,16 +183,8 @@ def train(argv: list[str]) -> None:
         sys.exit(1)
 
 
-def one_line(error) -> str:
-    from dropbench.config import one_line as _one_line
-
-    return _one_line(error)
-
-
 def _failed_since(sweep_dir: Path, started: float) -> list[Path]:
     """Runs of this sweep that failed (jobs in other processes report through their summaries)."""
-    from dropbench.results import files_named, read_summary
-
     failed = []
     for path in files_named(sweep_dir, "summary.csv"):
         row = read_summary(path)
@@ -219,12 +211,6 @@ def _parallel_jobs(hc) -> int:
     """How many jobs the launcher runs at once (joblib's n_jobs: -1 = all cores, -2 = all but one)."""
     n_jobs = int(hc.launcher.get("n_jobs", 1) or 1)
     return n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
-
-
-def _remove_if_only_hydra(run_dir: Path, results_dir: Path) -> None:
-    from dropbench.results import remove_if_only_hydra
-
-    remove_if_only_hydra(run_dir, results_dir)
 
 
 def list_choices() -> None:
