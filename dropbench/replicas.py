@@ -1,295 +1,223 @@
-"""Replica-batched building blocks: R independent copies of a model held in one set of tensors.
+"""Running R copies of one model together: a seed sweep (`parallel_seeds=R`) in one process.
 
-Every activation has a leading replica dimension, ``[R, B, ...]``, and every parameter one too,
-``[R, ...]``. A run with ``parallel_seeds=R`` trains R seeds at once in one process; a plain run
-is R = 1. Replica k draws all of its randomness (initialization, batch order, dropout masks)
-from its own generator seeded with its seed, and its matmuls and convolutions are separate calls
-with the same shapes, strides and alignment as in a single run, so it computes bit for bit what
-a single run with that seed computes (tests/test_replicas.py). Elementwise work (activations,
-masks, losses, optimizer updates) runs once over all replicas.
+A model is an ordinary `nn.Module`. `Replicas` holds R copies of it, built one per seed, and
+runs them as one computation: their parameters and buffers are stacked into tensors [R, ...]
+(`torch.func.stack_module_state`) and the forward pass is the model's own, vectorized over R
+with `torch.func.vmap` + `functional_call`; for R = 1 the model simply runs as it is. Inputs
+and outputs carry a leading replica dimension: [R, B, ...] -> [R, B, C].
+
+Replica k uses seed k's initialization (the model is built after `torch.manual_seed(seed_k)`),
+seed k's data order and seed k's random masks: dropbench's random layers draw through
+`replica_random`, which inside vmap fills replica k's slice from generator k with exactly the
+draws the single run of seed k makes. What is not the same is the arithmetic: vmap turns R
+matrix products into one batched product, whose rounding can differ in the last bits (see the
+README for what agrees on which device).
 """
 
 from __future__ import annotations
 
-import math
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 
 
-# Dropout-style masks are drawn from 16 random bits per unit: a unit is kept when its 16 bits,
-# read as a signed integer, fall below a threshold, so the keep probability is
-# round(keep * 2^16) / 2^16 (within 2^-17 of `keep`; exact for 1/2, 1/4, 3/4, ...).
-MASK_BITS = 16
-_MASK_LEVELS = 1 << MASK_BITS
+class ReplicaGenerators:
+    """One random stream per replica, seeded by its seed: replica k's draws depend on seed k alone.
 
-
-def mask_keep_probability(keep: float) -> float:
-    """The keep probability `ReplicaRNG.keep_mask(shape, keep)` actually realizes."""
-    return min(max(round(keep * _MASK_LEVELS), 0), _MASK_LEVELS) / _MASK_LEVELS
-
-
-class ReplicaRNG:
-    """One torch.Generator per replica: replica k's random stream depends only on its seed.
-
-    Every method draws replica k's samples from generator k alone, in the same amount whatever
-    the number of replicas, and writes them straight into slice k of the result (no stacking).
+    `order` (on the CPU, so a seed shuffles the data the same way on every device) gives the
+    batch order; `masks` (on the training device) feed the random layers of the regularizers.
     """
 
     def __init__(self, seeds: list[int], device: torch.device):
         self.seeds = list(seeds)
         self.device = device
-        # Initialization is drawn on the CPU so a seed gives the same weights on every device.
-        self.init = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
-        self.train = [torch.Generator(device).manual_seed(s) for s in self.seeds]
+        self.order = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
+        self.masks = [torch.Generator(device).manual_seed(s) for s in self.seeds]
 
-    @property
-    def replicas(self) -> int:
+    def __len__(self) -> int:
         return len(self.seeds)
 
     def permutations(self, n: int) -> torch.Tensor:
-        """[R, n] row-wise independent permutations of range(n), on the device."""
-        out = torch.empty(self.replicas, n, dtype=torch.int64, device=self.device)
-        for k, g in enumerate(self.train):
-            torch.randperm(n, generator=g, out=out[k])
-        return out
-
-    def uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """[R, *shape] uniform samples in [0, 1)."""
-        out = torch.empty(self.replicas, *shape, device=self.device)
-        for k, g in enumerate(self.train):
-            out[k].uniform_(generator=g)
-        return out
-
-    def normal(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """[R, *shape] standard normal samples."""
-        out = torch.empty(self.replicas, *shape, device=self.device)
-        for k, g in enumerate(self.train):
-            out[k].normal_(generator=g)
-        return out
-
-    def random_bits(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """[R, *shape] int16 tensor of independent uniformly random 16-bit integers.
-
-        Drawn as full-range random int64 words (four units per word), which costs a quarter of
-        the generator calls and a fraction of the work of one float per unit (torch.rand).
-        """
-        n = math.prod(shape)
-        words = torch.empty(self.replicas, -(-n // 4), dtype=torch.int64, device=self.device)
-        for k, g in enumerate(self.train):
-            words[k].random_(-(1 << 63), None, generator=g)  # from=int64 min, to=None: all 64 bits
-        bits = words.view(torch.int16)
-        return bits.view(self.replicas, *shape) if bits.shape[1] == n else bits[:, :n].reshape(self.replicas, *shape)
-
-    def keep_mask(self, shape: tuple[int, ...], keep: float, scale: float = 1.0) -> torch.Tensor:
-        """[R, *shape] float mask: `scale` with probability `keep` (see MASK_BITS), 0 otherwise.
-
-        Dropout passes scale = 1/keep and multiplies once: x * keep_mask(shape, keep, 1/keep)
-        equals x * keep_mask(shape, keep) * (1/keep) bit for bit.
-        """
-        mask = torch.empty(self.replicas, *shape, device=self.device)
-        bits = self.random_bits(shape)  # drawn even when keep is 0 or 1: the stream never depends on p
-        levels = round(keep * _MASK_LEVELS)
-        if levels >= _MASK_LEVELS:
-            return mask.fill_(scale)
-        if levels <= 0:
-            return mask.zero_()
-        torch.lt(bits, levels - _MASK_LEVELS // 2, out=mask)  # int16 in [-2^15, 2^15): P = levels / 2^16
-        return mask if scale == 1.0 else mask.mul_(scale)
+        """[R, n] independent permutations of range(n), replica k's from its own generator."""
+        return torch.stack([torch.randperm(n, generator=g) for g in self.order])
 
     def state(self) -> dict:
-        return {"train": [g.get_state() for g in self.train]}
+        return {"order": [g.get_state() for g in self.order], "masks": [g.get_state() for g in self.masks]}
 
     def load_state(self, state: dict) -> None:
-        for g, s in zip(self.train, state["train"]):
+        for g, s in zip(self.order + self.masks, state["order"] + state["masks"]):
             g.set_state(s)
 
 
-def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x[idx] for x [N, ...] and indices idx [R, B] -> [R, B, ...], as one index_select.
+class _ReplicaSample(torch.autograd.Function):
+    """A random tensor of a given shape, filled by `fill(out, generator)` from the running
+    replica's own generator.
 
-    Same values as advanced indexing, which goes through a slower general gather kernel on the
-    CPU (2-5x slower for a [256, 784] float batch: 263 vs 115 us on one core for random rows).
-    """
-    return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
-
-
-def init_weight_(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int, scheme: str, std: float,
-                 generators: list[torch.Generator]) -> None:
-    """Initialize a replica-batched weight [R, ...] and bias [R, ...] in place, replica k from generator k.
-
-    Schemes: ``default`` is PyTorch's nn.Linear/nn.Conv default (U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    for weight and bias); ``normal`` is N(0, std^2) with zero bias (d2l uses std=0.01);
-    ``xavier`` is Glorot uniform and ``kaiming`` He normal (ReLU gain), both with zero bias.
-    """
-    receptive_field = weight[0, 0, 0].numel() if weight.dim() > 3 else 1
-    fan_out = weight.shape[1] * receptive_field
-    with torch.no_grad():
-        for k, g in enumerate(generators):
-            w = torch.empty(weight[k].shape)
-            b = torch.zeros(bias[k].shape) if bias is not None else None
-            if scheme == "default":
-                bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-                w.uniform_(-bound, bound, generator=g)
-                if b is not None:
-                    b.uniform_(-bound, bound, generator=g)
-            elif scheme == "normal":
-                w.normal_(0.0, std, generator=g)
-            elif scheme == "xavier":
-                bound = math.sqrt(6.0 / (fan_in + fan_out))
-                w.uniform_(-bound, bound, generator=g)
-            elif scheme == "kaiming":
-                w.normal_(0.0, math.sqrt(2.0 / fan_in), generator=g)
-            else:  # checked by the model's constructor
-                raise ValueError(scheme)
-            weight[k].copy_(w)
-            if b is not None:
-                bias[k].copy_(b)
-
-
-class ReplicaLinear(nn.Module):
-    """y = x W^T + b for each replica: x [R, B, in] -> [R, B, out], weight [R, out, in].
-
-    R = 1 is one F.linear (addmm) call; R > 1 makes the same call once per replica
-    (_PerReplicaLinear), so that replica k and the single run with its seed agree bit for bit.
+    Called once per replica (R = 1) it draws from generator 0; under vmap over R replicas its
+    vmap rule fills slice k from generator k, the same numbers replica k's single run draws.
+    The result is a sample, not a function of `like`: no gradient flows through it.
     """
 
-    def __init__(self, replicas: int, in_features: int, out_features: int, bias: bool = True):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(replicas, out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(replicas, out_features)) if bias else None
-
-    def reset_parameters(self, scheme: str, std: float, generators: list[torch.Generator]) -> None:
-        init_weight_(self.weight, self.bias, self.in_features, scheme, std, generators)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return replica_linear(x, self.weight, self.bias)
-
-
-def replica_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [R, B, in] @ weight[r]^T (+ bias[r]) for each replica r -> [R, B, out], weight [R, out, in].
-
-    Use this rather than torch.bmm/baddbmm wherever replica k must reproduce its single run
-    (e.g. a masked weight: replica_linear(x, weight * mask)).
-    """
-    if x.shape[0] == 1:  # the same addmm/mm calls as _PerReplicaLinear, with autograd's own (C++) backward
-        return F.linear(x.squeeze(0), weight.squeeze(0), bias.squeeze(0) if bias is not None else None).unsqueeze(0)
-    return _PerReplicaLinear.apply(x, weight, bias)
-
-
-# The CPU allocator aligns every new tensor to 64 bytes, so in a single run every matmul operand
-# is 64-byte aligned. BLAS kernels for small matrices can round differently on operands that are
-# not (a replica's slice [k] of an [R, ...] tensor starts wherever the previous replicas end), so
-# such slices are copied to fresh, aligned memory first: replica k then computes bit for bit what
-# the single run computes.
-_ALIGN = 64
-
-
-def aligned(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its data start on a 64-byte boundary, else a copy that does (autograd-tracked).
-
-    Pass a replica's slice x[k] through this before a per-replica matmul/conv of your own."""
-    return t if t.data_ptr() % _ALIGN == 0 else t.clone()
-
-
-def _matmul_into(out: torch.Tensor, fn, *args) -> None:
-    """out = fn(*args) computed in `out` itself when aligned, else in fresh memory and copied."""
-    if out.data_ptr() % _ALIGN == 0:
-        fn(*args, out=out)
-    else:
-        out.copy_(fn(*args))
-
-
-class _PerReplicaLinear(torch.autograd.Function):
-    """x [R, B, in], weight [R, out, in], bias [R, out] or None -> x W^T + b per replica: [R, B, out].
-
-    Every matmul is a separate mm/addmm call per replica on 64-byte-aligned operands with the
-    same shapes and strides whatever R is, so replica k computes exactly what a single run
-    computes. One batched matmul (bmm/baddbmm) over R does not guarantee that: the BLAS picks its
-    kernel and threading by batch size, and for some shapes (e.g. widths 13 and 7, or batch 17)
-    replica k of R = 3 then differs from the single run in the last bits. The weight gradient
-    g^T x is computed straight into the weight's own [out, in] layout (as autograd does for
-    F.linear, the R = 1 path), where autograd's formula for baddbmm gives (x^T g)^T and then
-    copies every weight gradient once more to accumulate it into weight.grad.
-    """
+    generate_vmap_rule = False
 
     @staticmethod
-    def forward(x, weight, bias):
-        R, B = x.shape[:2]
-        y = x.new_empty(R, B, weight.shape[1])
-        for k, (xk, wk, yk) in enumerate(zip(x.unbind(0), weight.unbind(0), y.unbind(0))):
-            xk, wk = aligned(xk), aligned(wk)
-            if bias is None:
-                _matmul_into(yk, torch.mm, xk, wk.t())
-            else:
-                _matmul_into(yk, torch.addmm, bias[k], xk, wk.t())
-        return y
+    def forward(like, shape, fill, generators):
+        if len(generators) != 1:  # outside vmap, or `like` not batched: no replica to draw for
+            raise RuntimeError(f"a random layer ran on input shared by {len(generators)} replicas; "
+                               f"give each replica its own input ([R, B, ...])")
+        out = torch.empty(shape, device=like.device, dtype=like.dtype)
+        fill(out, generators.masks[0])
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(output)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        R = x.shape[0]
-        grad_x = grad_w = grad_b = None
-        if torch.is_grad_enabled():  # create_graph=True (double backward): differentiable ops
-            if need_x:
-                grad_x = torch.stack([grad[k].mm(weight[k]) for k in range(R)])
-            if need_w:
-                grad_w = torch.stack([grad[k].t().mm(x[k]) for k in range(R)])
-        elif need_x or need_w:
-            grad_x = x.new_empty(x.shape) if need_x else None
-            grad_w = weight.new_empty(weight.shape) if need_w else None
-            gs, xs, ws = grad.unbind(0), x.unbind(0), weight.unbind(0)
-            for k in range(R):
-                gk = aligned(gs[k])
-                if need_x:
-                    _matmul_into(grad_x[k], torch.mm, gk, aligned(ws[k]))
-                if need_w:
-                    _matmul_into(grad_w[k], torch.mm, gk.t(), aligned(xs[k]))
-        if ctx.has_bias and need_b:
-            grad_b = grad.sum(1)
-        return grad_x, grad_w, grad_b
+        return None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, like, shape, fill, generators):
+        if info.batch_size != len(generators):
+            raise RuntimeError(f"{info.batch_size} replicas in vmap but {len(generators)} generators")
+        out = torch.empty(info.batch_size, *shape, device=like.device, dtype=like.dtype)
+        for k, g in enumerate(generators.masks):
+            fill(out[k], g)
+        return out, 0
 
 
-class ReplicaConv(nn.Module):
-    """A 1-D or 2-D convolution per replica: x [R, B, C, *spatial] -> [R, B, C', *spatial'].
+def replica_sample(like: torch.Tensor, shape: tuple[int, ...], generators: ReplicaGenerators, fill) -> torch.Tensor:
+    """A sample of `shape` that `fill(out, generator)` writes, from the running replica's generator.
 
-    One convolution call per replica (groups=1, on 64-byte-aligned input), so replica k computes
-    exactly what a single run computes. A single grouped convolution over R replicas (groups=R,
-    the obvious batched form) runs a different algorithm than groups=1 and gives a replica
-    numbers that differ from its single run in the last bits.
+    Args:
+        like: any tensor of the current forward pass (it tells the device, dtype and, under vmap,
+            the replica dimension).
+        shape: the shape of one replica's sample.
+        generators: the run's ReplicaGenerators.
+        fill: fills a tensor of `shape` in place from a torch.Generator.
+    """
+    if len(generators) == 1:  # a single run is never vmapped: skip the Function (~0.2 ms a call on a CPU)
+        out = torch.empty(shape, device=like.device, dtype=like.dtype)
+        fill(out, generators.masks[0])
+        return out
+    return _ReplicaSample.apply(like, tuple(shape), fill, generators)
+
+
+def _uniform(out: torch.Tensor, generator: torch.Generator) -> None:
+    out.uniform_(generator=generator)
+
+
+def _normal(out: torch.Tensor, generator: torch.Generator) -> None:
+    out.normal_(generator=generator)
+
+
+def replica_random(like: torch.Tensor, shape: tuple[int, ...], generators: ReplicaGenerators,
+                   normal: bool = False) -> torch.Tensor:
+    """U[0, 1) (or N(0, 1) with `normal`) samples of `shape`, from the running replica's generator."""
+    return replica_sample(like, shape, generators, _normal if normal else _uniform)
+
+
+# Dropout-style masks are drawn from 16 random bits per unit, four units per random int64 word: a
+# quarter of the generator calls of one float per unit. A unit is kept when its bits, read as a
+# signed 16-bit integer, fall below a threshold, so the keep probability is round(keep * 2^16) / 2^16
+# (within 2^-17 of `keep`; exact for 1/2, 1/4, 3/4, ...). Measured on the d2l dropout step (two
+# 256 x 256 masks per step, 1 CPU thread): 0.43x the time of torch.rand(...) < keep.
+MASK_LEVELS = 1 << 16
+
+
+def mask_keep_probability(keep: float) -> float:
+    """The keep probability a keep mask actually realizes (see MASK_LEVELS)."""
+    return min(max(round(keep * MASK_LEVELS), 0), MASK_LEVELS) / MASK_LEVELS
+
+
+def keep_mask(like: torch.Tensor, shape: tuple[int, ...], generators: ReplicaGenerators, keep: float,
+              scale: float = 1.0) -> torch.Tensor:
+    """A mask of `shape` holding `scale` with probability `keep` (see MASK_LEVELS) and 0 otherwise,
+    from the running replica's generator; inverted dropout is x * keep_mask(x, x.shape, g, 1 - p, 1 / (1 - p))."""
+    return replica_sample(like, shape, generators, partial(_fill_keep_mask, keep=keep, scale=scale))
+
+
+def _fill_keep_mask(out: torch.Tensor, generator: torch.Generator, keep: float, scale: float) -> None:
+    n = out.numel()
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=out.device)
+    words.random_(-(1 << 63), None, generator=generator)  # the stream never depends on keep
+    levels = round(keep * MASK_LEVELS)
+    if levels >= MASK_LEVELS:
+        out.fill_(scale)
+    elif levels <= 0:
+        out.zero_()
+    else:
+        bits = words.view(torch.int16)[:n].view(out.shape)
+        torch.lt(bits, levels - MASK_LEVELS // 2, out=out)  # int16 in [-2^15, 2^15): P = levels / 2^16
+        if scale != 1.0:
+            out.mul_(scale)
+
+
+class Replicas:
+    """R copies of one model, trained together: [R, B, *in_shape] -> [R, B, num_classes].
+
+    Args:
+        models: the R copies, already built (replica k with seed k) and on the device; the first
+            one becomes the template that runs every replica's parameters (its own are dropped).
     """
 
-    def __init__(self, replicas: int, dims: int, in_channels: int, out_channels: int,
-                 kernel_size: int, stride: int = 1, padding: int = 0):
-        super().__init__()
-        self.replicas, self.dims = replicas, dims
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.stride, self.padding = stride, padding
-        self.weight = nn.Parameter(torch.empty(replicas, out_channels, in_channels, *([kernel_size] * dims)))
-        self.bias = nn.Parameter(torch.empty(replicas, out_channels))
-        self.conv = F.conv1d if dims == 1 else F.conv2d
+    def __init__(self, models: list[nn.Module]):
+        self.module = models[0]
+        self.count = len(models)
+        if self.count == 1:
+            self.params = dict(self.module.named_parameters())
+            self.buffers = dict(self.module.named_buffers())
+        else:
+            params, buffers = stack_module_state(models)
+            self.params, self.buffers = dict(params), dict(buffers)
+            self.module.to("meta")  # the template keeps its structure; the stacked tensors hold the numbers
+            run = lambda p, b, x: functional_call(self.module, (p, b), (x,))  # noqa: E731
+            # randomness="different": random ops that do not go through replica_random (a user's own
+            # F.dropout) draw independent samples per replica from the global generator
+            self._own_inputs = vmap(run, in_dims=(0, 0, 0), randomness="different")
+            self._shared_inputs = vmap(run, in_dims=(0, 0, None), randomness="different")
 
-    def reset_parameters(self, scheme: str, std: float, generators: list[torch.Generator]) -> None:
-        fan_in = self.weight[0, 0].numel()
-        init_weight_(self.weight, self.bias, fan_in, scheme, std, generators)
+    def __len__(self) -> int:
+        return self.count
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [self.conv(aligned(xk), wk, bk, self.stride, self.padding)
-                for xk, wk, bk in zip(x.unbind(0), self.weight.unbind(0), self.bias.unbind(0))]
-        return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [R, B, C] of inputs [R, B, ...] (each replica its own batch)."""
+        if self.count == 1:
+            return self.module(x[0]).unsqueeze(0)
+        return self._own_inputs(self.params, self.buffers, x)
 
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [R, B, C] of inputs [B, ...] that every replica sees (evaluation)."""
+        if self.count == 1:
+            return self.module(x).unsqueeze(0)
+        return self._shared_inputs(self.params, self.buffers, x)
 
-def output_shape(conv: ReplicaConv, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Per-example output shape [C, *spatial] of `conv` for an input of per-example shape `shape`."""
-    k = conv.weight.shape[-1]
-    spatial = tuple((s + 2 * conv.padding - k) // conv.stride + 1 for s in shape[1:])
-    return (conv.out_channels, *spatial)
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """Parameter `name` (as in the model's named_parameters) of every replica: [R, ...].
+
+        A view: in-place changes under torch.no_grad() change the parameter."""
+        p = self.params[name]
+        return p.unsqueeze(0) if self.count == 1 else p
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def eval(self) -> None:
+        self.module.train(False)
+
+    def state_dict(self) -> dict:
+        return {name: t.detach().clone() for name, t in {**self.params, **self.buffers}.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        tensors = {**self.params, **self.buffers}
+        if set(state) != set(tensors):
+            raise ValueError("the checkpoint holds another model's parameters")
+        with torch.no_grad():
+            for name, t in tensors.items():
+                t.copy_(state[name])

@@ -9,54 +9,56 @@ Placed between each hidden Linear/Conv and its activation, per channel c (per un
                 (unbiased variance), PyTorch's convention
     evaluation  y = gamma_c (x - running_mean_c) / sqrt(running_var_c + eps) + beta_c
 
-Per replica: [R, B, C, *] is laid out as [B, R*C, *] so one F.batch_norm call normalizes each
-replica's channels over that replica's batch only, with R*C running statistics and affine
-parameters gamma (init 1) and beta (init 0) of shape [R, C]. Defaults: momentum=0.1, eps=1e-5
-(PyTorch's). Not combinable with methods that replace hidden Linear layers (dropconnect, standout).
+Places: every hidden nn.Linear/nn.Conv* directly followed by an activation module in an
+nn.Sequential gets a torch.nn.BatchNorm layer between the two. A model with BatchNorm layers of
+its own keeps them and gets no new ones: the method then sets their momentum and eps. Each replica
+has its own statistics (they are buffers, stacked like the parameters). Defaults: momentum=0.1,
+eps=1e-5 (PyTorch's). Not combinable with methods that replace hidden Linear layers.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dropbench.config import UserError, positive_float
-from dropbench.regularizers import Regularizer
-from dropbench.replicas import aligned
+from dropbench.config import check
+from dropbench.regularizers import NoPlace, Regularizer, hidden_pairs
+from dropbench.replicas import ReplicaGenerators
+
+OWN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CONV_BATCHNORMS = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 
 
-class ReplicaBatchNorm(nn.Module):
-    """Batch normalization of [R, B, C, *spatial] with separate statistics for each replica."""
-
-    def __init__(self, replicas: int, channels: int, momentum: float = 0.1, eps: float = 1e-5):
-        super().__init__()
-        self.replicas, self.channels, self.momentum, self.eps = replicas, channels, momentum, eps
-        self.weight = nn.Parameter(torch.ones(replicas, channels))
-        self.bias = nn.Parameter(torch.zeros(replicas, channels))
-        self.register_buffer("running_mean", torch.zeros(replicas, channels))
-        self.register_buffer("running_var", torch.ones(replicas, channels))
+class LinearBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over the last dimension, the features of an nn.Linear: [B, F] as usual, and
+    [B, ..., F] (a Linear applied to every token) normalized over all leading dimensions."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One call per replica (a grouped call over R*C channels rounds differently from the single
-        # run); the rows running_mean[k], running_var[k] are views, updated in place by batch_norm.
-        outs = [F.batch_norm(aligned(x[k]), self.running_mean[k], self.running_var[k], self.weight[k], self.bias[k],
-                             self.training, self.momentum, self.eps) for k in range(len(x))]
-        return torch.stack(outs) if len(outs) > 1 else outs[0].unsqueeze(0)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, momentum={self.momentum}, eps={self.eps}"
+        return super().forward(x) if x.dim() == 2 else super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
 
 
 class BatchNorm(Regularizer):
+    places = ("norm",)
+
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5):
-        self.momentum = positive_float("regularizer.momentum", momentum)
-        if self.momentum > 1:
-            raise UserError(f"regularizer.momentum={momentum!r} is not allowed; it must be a number in (0, 1]")
-        self.eps = positive_float("regularizer.eps", eps)
+        self.momentum = check("regularizer.momentum", momentum)
+        self.eps = check("regularizer.eps", eps)
 
     def summary(self) -> dict:
         return {"momentum": self.momentum, "eps": self.eps}
 
-    def norm_layer(self, index, num_hidden, shape, replicas):
-        return ReplicaBatchNorm(replicas, shape[0], self.momentum, self.eps)
+    def attach(self, model: nn.Module, generators: ReplicaGenerators) -> None:
+        own = [m for m in model.modules() if isinstance(m, OWN_BATCHNORMS)]
+        for layer in own:
+            layer.momentum, layer.eps = self.momentum, self.eps
+        if own:
+            return
+        pairs = hidden_pairs(model)
+        if not pairs:
+            raise NoPlace("a hidden nn.Linear/nn.Conv followed by an activation module in an "
+                                             "nn.Sequential, or BatchNorm layers of its own")
+        for seq, i in pairs:
+            layer = seq[i]
+            width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            norm = LinearBatchNorm if isinstance(layer, nn.Linear) else CONV_BATCHNORMS[type(layer)]
+            seq[i] = nn.Sequential(layer, norm(width, eps=self.eps, momentum=self.momentum))

@@ -1,7 +1,7 @@
 """DropConnect (Wan, Zeiler, Zhang, LeCun & Fergus, ICML 2013, "Regularization of Neural Networks
 using DropConnect").
 
-Each hidden Linear layer (with its activation a) computes, in training,
+Each hidden nn.Linear layer (with its activation a) computes, in training,
 
     r = a((M * W) v / (1 - p) + b),    M_ij ~ Bernoulli(1 - p)
 
@@ -19,70 +19,70 @@ Evaluation (`inference`):
 - `moment_matching`: the paper's Algorithm 2. u = (M * W) v / (1 - p) + b is approximated by a
   Gaussian with mean W v + b and variance p/(1 - p) (W*W)(v*v) (keep probability q = 1 - p:
   Var[M_ij/q] = (1 - q)/q), and r = 1/S sum_s a(u_s) over S = `mc_samples` draws u_s ~ N(mean, var).
-  The draws go through the run's replica generators.
-Only hidden Linear layers are regularized: a CNN without hidden Linear layers (model.hidden=[]) is
-rejected. Defaults: p=0.5 (the paper's), per_example=true, inference=mean, mc_samples=50.
+  The draws come from the replicas' own generators.
+Places: every nn.Linear but the head; one directly followed by an activation module in an
+nn.Sequential is replaced together with it (moment matching needs that activation; with `mean`
+inference a Linear without one is regularized alone). A model without hidden Linear layers (a CNN
+with model.hidden=[]) is rejected. Inputs with more than one leading dimension ([B, L, in]) get a
+mask per row. Defaults: p=0.5 (the paper's), per_example=true, inference=mean, mc_samples=50.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dropbench.config import choice, flag, positive_int, probabilities, scalar_or_list
-from dropbench.regularizers import Regularizer
-from dropbench.replicas import ReplicaLinear, ReplicaRNG, aligned, replica_linear
+from dropbench.config import check, probabilities, scalar_or_list
+from dropbench.regularizers import NoPlace, Regularizer, hidden_linears, hidden_pairs
+from dropbench.replicas import ReplicaGenerators, keep_mask, replica_random
 
 
 class DropConnectLinear(nn.Module):
-    """a((M * W) x / (1 - p) + b) on [R, B, in] -> [R, B, out]; `linear` holds W and b."""
+    """a((M * W) x / (1 - p) + b); `linear` holds W and b, `activation` is a (identity if None)."""
 
     stochastic = True
 
-    def __init__(self, linear: ReplicaLinear, activation: nn.Module, p: float, rng: ReplicaRNG,
+    def __init__(self, linear: nn.Linear, activation: nn.Module | None, p: float, generators: ReplicaGenerators,
                  per_example: bool = True, inference: str = "mean", mc_samples: int = 50):
         super().__init__()
-        self.linear, self.activation = linear, activation
-        self.p, self.rng, self.per_example = p, rng, per_example
+        self.linear, self.activation = linear, activation or nn.Identity()
+        self.p, self.generators, self.per_example = p, generators, per_example
         self.inference, self.mc_samples = inference, mc_samples
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0:
             return self.activation(self.linear(x))
         keep = 1.0 - self.p
-        w, b = self.linear.weight, self.linear.bias  # [R, out, in], [R, out]
+        w, b = self.linear.weight, self.linear.bias  # [out, in], [out]
         if self.training:
-            if self.per_example:
-                # [R, B, out, in]: one mask per example; u[r, n] = (M[r, n] * W[r]) x[r, n]
-                # (one product per replica, so replica k computes what its single run computes)
-                mask = self.rng.keep_mask((x.shape[1], *w.shape[1:]), keep, 1.0 / keep)
-                u = torch.stack([torch.einsum("noi,ni->no", w[k] * mask[k], aligned(x[k])) for k in range(len(x))])
-            else:
-                mask = self.rng.keep_mask(tuple(w.shape[1:]), keep, 1.0 / keep)  # [R, out, in], shared by the batch
-                u = replica_linear(x, w * mask)
-            return self.activation(u + b.unsqueeze(1))
+            if self.per_example:  # a mask per example (row): u_n = (M_n * W) x_n
+                rows = x.reshape(-1, x.shape[-1])
+                mask = keep_mask(rows, (len(rows), *w.shape), self.generators, keep, 1.0 / keep)
+                u = torch.einsum("noi,ni->no", w * mask, rows).view(*x.shape[:-1], -1)
+            else:  # one mask shared by the mini-batch
+                u = F.linear(x, w * keep_mask(x, w.shape, self.generators, keep, 1.0 / keep))
+            return self.activation(u + b if b is not None else u)
         mean = self.linear(x)
         if self.inference == "mean":
             return self.activation(mean)
-        var = (self.p / keep) * replica_linear(x * x, w * w)  # [R, B, out]
-        noise = self.rng.normal((self.mc_samples, *mean.shape[1:]))  # [R, S, B, out]
-        u = mean.unsqueeze(1) + var.sqrt().unsqueeze(1) * noise
-        return self.activation(u).mean(1)
+        var = (self.p / keep) * F.linear(x * x, w * w)
+        u = mean + var.sqrt() * replica_random(mean, (self.mc_samples, *mean.shape), self.generators, normal=True)
+        return self.activation(u).mean(0)
 
     def extra_repr(self) -> str:
-        return (f"in={self.linear.in_features}, out={self.linear.out_features}, p={self.p}, "
-                f"per_example={self.per_example}, inference={self.inference}")
+        return f"p={self.p}, per_example={self.per_example}, inference={self.inference}"
 
 
 class DropConnect(Regularizer):
-    stochastic = True
+    places = ("hidden_linear",)
 
     def __init__(self, p=0.5, per_example: bool = True, inference: str = "mean", mc_samples: int = 50):
         self.p = scalar_or_list(p)
-        probabilities("regularizer.p", self.p, len(self.p) if isinstance(self.p, list) else 1)
-        self.per_example = flag("regularizer.per_example", per_example)
-        self.inference = choice("regularizer.inference", inference, ("mean", "moment_matching"))
-        self.mc_samples = positive_int("regularizer.mc_samples", mc_samples)
+        check("regularizer.p", self.p)
+        self.per_example = check("regularizer.per_example", per_example)
+        self.inference = check("regularizer.inference", inference)
+        self.mc_samples = check("regularizer.mc_samples", mc_samples)
 
     def summary(self) -> dict:
         out = {"p": self.p, "per_example": self.per_example, "inference": self.inference}
@@ -90,7 +90,20 @@ class DropConnect(Regularizer):
             out["mc_samples"] = self.mc_samples
         return out
 
-    def hidden_linear(self, index, num_hidden, in_features, out_features, activation, rng):
-        p = probabilities("regularizer.p", self.p, num_hidden)[index]
-        linear = ReplicaLinear(rng.replicas, in_features, out_features)  # initialized by the model
-        return DropConnectLinear(linear, activation, p, rng, self.per_example, self.inference, self.mc_samples)
+    def attach(self, model: nn.Module, generators: ReplicaGenerators) -> None:
+        places = hidden_linears(model)
+        if not places:
+            raise NoPlace("a hidden nn.Linear layer (the head is not regularized)")
+        activation_after = {id(seq[i]): (seq, i) for seq, i in hidden_pairs(model, nn.Linear)}
+        rates = probabilities("regularizer.p", self.p, len(places))
+        for place, p in zip(places, rates):
+            linear = place.module
+            pair = activation_after.get(id(linear))
+            if pair is None and self.inference == "moment_matching":
+                raise NoPlace(f"each hidden nn.Linear to be followed by an activation module in an nn.Sequential "
+                              f"for inference=moment_matching ({place.name} is not); use inference=mean")
+            activation = pair[0][pair[1] + 1] if pair else None
+            place.replace(DropConnectLinear(linear, activation, p, generators, self.per_example,
+                                            self.inference, self.mc_samples))
+            if pair:
+                pair[0][pair[1] + 1] = nn.Identity()

@@ -3,7 +3,8 @@ Networks from Overfitting"; inverted scaling as in every modern framework).
 
 Training: y = m * x / (1 - p) with m ~ Bernoulli(1 - p) per unit, so E[y] = x.
 Evaluation: y = x (the identity; the 1/(1-p) at training time already matches the expectation).
-p may be one number or one per hidden layer (d2l: 0.2 then 0.5); `input_p` drops inputs.
+Places: the model's own dropout modules (replaced), else after every activation module; `p` is one
+number or one per place (d2l: 0.2 then 0.5); `input_p` drops inputs.
 """
 
 from __future__ import annotations
@@ -12,31 +13,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropbench.config import choice, probabilities, probability, scalar_or_list
-from dropbench.regularizers import Regularizer
-from dropbench.replicas import ReplicaRNG
+from dropbench.config import check, probabilities, scalar_or_list
+from dropbench.regularizers import Regularizer, dropout_places, put_at
+from dropbench.replicas import ReplicaGenerators, keep_mask
+
+
+def dropout(x: torch.Tensor, p: float, generators: ReplicaGenerators, scale: bool = True) -> torch.Tensor:
+    """x * m (/ (1 - p) when `scale`), m ~ Bernoulli(1 - p) per element, from the replica's generator.
+
+    Args:
+        x: any shape.
+        p: drop probability in [0, 1).
+        generators: the run's ReplicaGenerators.
+        scale: inverted dropout (divide by 1 - p); False keeps the raw mask (non-inverted dropout).
+    """
+    keep = 1.0 - p
+    return x * keep_mask(x, x.shape, generators, keep, 1.0 / keep if scale else 1.0)
 
 
 class DropoutLayer(nn.Module):
-    """Inverted dropout on [R, B, *shape]; replica r's masks come from its own generator.
+    """Inverted dropout on any shape; replica k's masks come from its own generator.
 
-    impl="torch" uses torch.nn.functional.dropout instead (same distribution, one global stream,
-    so replicas no longer reproduce their single runs exactly).
+    impl="torch" uses torch.nn.functional.dropout instead (same distribution, one kernel, one
+    global stream: replicas then no longer draw their single runs' masks).
     """
 
     stochastic = True
 
-    def __init__(self, p: float, rng: ReplicaRNG, impl: str = "own"):
+    def __init__(self, p: float, generators: ReplicaGenerators, impl: str = "own"):
         super().__init__()
-        self.p, self.rng, self.impl = p, rng, impl
+        self.p, self.generators, self.impl = p, generators, impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         if self.impl == "torch":
             return F.dropout(x, self.p, training=True)
-        keep = 1.0 - self.p
-        return x * self.rng.keep_mask(tuple(x.shape[1:]), keep, 1.0 / keep)
+        return dropout(x, self.p, self.generators)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, impl={self.impl}"
@@ -45,21 +58,32 @@ class DropoutLayer(nn.Module):
 class Dropout(Regularizer):
     """Defaults: p=0.5 (Srivastava et al. 2014 for hidden units), input_p=0.0, impl=own."""
 
-    stochastic = True
-    layer = DropoutLayer  # the module placed after each hidden activation (and on the inputs)
+    places = ("dropout",)
+    layer = DropoutLayer  # the module placed at each dropout place (and on the inputs)
 
     def __init__(self, p=0.5, input_p: float = 0.0, impl: str = "own"):
-        self.impl = choice("regularizer.impl", impl, ("own", "torch"))
+        self.impl = check("regularizer.impl", impl)
         self.p = scalar_or_list(p)
-        self.input_p = probability("regularizer.input_p", input_p)
-        probabilities("regularizer.p", self.p, len(self.p) if isinstance(self.p, list) else 1)
+        self.input_p = check("regularizer.input_p", input_p)
+        check("regularizer.p", self.p)
 
     def summary(self) -> dict:
         return {"p": self.p, "input_p": self.input_p}
 
-    def input_layer(self, shape, rng):
-        return self.layer(self.input_p, rng, self.impl) if self.input_p > 0 else None
+    def attach(self, model: nn.Module, generators: ReplicaGenerators) -> None:
+        places = dropout_places(model)
+        # kept even at p = 0 (an identity) so that p sweeps share one model structure
+        for place, p in zip(places, probabilities("regularizer.p", self.p, len(places))):
+            put_at(place, self.layer(p, generators, self.impl))
+        if self.input_p > 0:
+            add_input_layer(model, self.layer(self.input_p, generators, self.impl))
 
-    def hidden_layer(self, index, num_hidden, shape, rng):
-        # Kept even at p = 0 (an identity) so that p sweeps share one model structure.
-        return self.layer(probabilities("regularizer.p", self.p, num_hidden)[index], rng, self.impl)
+
+def add_input_layer(model: nn.Module, layer: nn.Module) -> None:
+    """Apply `layer` to the model's input: first in an nn.Sequential, else through a forward pre-hook
+    (the layer registered as a submodule, so train/eval reach it)."""
+    if isinstance(model, nn.Sequential):  # a Sequential runs every child, so it goes in front
+        model.insert(0, layer)
+        return
+    model.add_module("input_dropout", layer)
+    model.register_forward_pre_hook(lambda module, args: (module.input_dropout(args[0]), *args[1:]))

@@ -9,8 +9,8 @@ Evaluation: y = (1 - p) * x, i.e. the paper's "weights multiplied by the retenti
 In exact arithmetic this trains the same function family as inverted dropout; it differs from it
 in the effective learning rate of the layers after a dropout layer (activations are (1 - p) times
 smaller in training), which matters for SGD and much less for Adam.
-Parameters and defaults are those of `dropout`: p=0.5 (scalar or one per hidden layer), input_p=0.0,
-impl=own|torch.
+Parameters, defaults and places are those of `dropout`: p=0.5 (scalar or one per place),
+input_p=0.0, impl=own|torch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dropbench.regularizers.dropout import Dropout, DropoutLayer
+from dropbench.regularizers.dropout import Dropout, DropoutLayer, dropout
 
 
 class ScaledDropoutLayer(DropoutLayer):
@@ -32,7 +32,7 @@ class ScaledDropoutLayer(DropoutLayer):
             return x * keep
         if self.impl == "torch":
             return F.dropout(x, self.p, training=True) * keep
-        return x * self.rng.keep_mask(tuple(x.shape[1:]), keep)
+        return dropout(x, self.p, self.generators, scale=False)
 
 
 class DropoutScaled(Dropout):

@@ -7,7 +7,8 @@ sigma^2 = p / (1 - p) by default: the variance of inverted Bernoulli dropout's f
 the paper's matching of the two methods. `sigma`, when given, sets the standard deviation directly
 and takes precedence over p; the summary's p column then holds the equivalent
 p = sigma^2 / (1 + sigma^2), so the two noise families share one axis.
-Defaults: p=0.5 (sigma = 1), sigma=null. p may be a list with one value per hidden layer.
+Places: those of dropout (the model's own dropout modules, else after every activation module).
+Defaults: p=0.5 (sigma = 1), sigma=null. p may be a list with one value per place.
 """
 
 from __future__ import annotations
@@ -17,45 +18,48 @@ import math
 import torch
 from torch import nn
 
-from dropbench.config import non_negative, probabilities, scalar_or_list
-from dropbench.regularizers import Regularizer
-from dropbench.replicas import ReplicaRNG
+from dropbench.config import check, probabilities, scalar_or_list
+from dropbench.regularizers import Regularizer, dropout_places, put_at
+from dropbench.replicas import ReplicaGenerators, replica_random
 
 
 class GaussianNoise(nn.Module):
-    """y = x * (1 + sigma * eps), eps ~ N(0, 1) from replica r's generator."""
+    """y = x * (1 + sigma * eps), eps ~ N(0, 1) per element from the replica's generator."""
 
     stochastic = True
 
-    def __init__(self, sigma: float, rng: ReplicaRNG):
+    def __init__(self, sigma: float, generators: ReplicaGenerators):
         super().__init__()
-        self.sigma, self.rng = sigma, rng
+        self.sigma, self.generators = sigma, generators
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.sigma == 0.0:
             return x
-        return x * (1.0 + self.sigma * self.rng.normal(tuple(x.shape[1:])))
+        return x * (1.0 + self.sigma * replica_random(x, x.shape, self.generators, normal=True))
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma:.4g}"
 
 
 class Gaussian(Regularizer):
-    stochastic = True
+    places = ("dropout",)
 
     def __init__(self, p=0.5, sigma: float | None = None):
-        self.sigma = None if sigma is None else non_negative("regularizer.sigma", sigma)
+        self.sigma = check("regularizer.sigma", sigma)
         if self.sigma is not None:
             self.p = self.sigma ** 2 / (1.0 + self.sigma ** 2)
         else:
             self.p = scalar_or_list(p)
-            probabilities("regularizer.p", self.p, len(self.p) if isinstance(self.p, list) else 1)
+            check("regularizer.p", self.p)
 
     def summary(self) -> dict:
         return {"p": self.p, "sigma": self.sigma if self.sigma is not None else ""}
 
-    def hidden_layer(self, index, num_hidden, shape, rng):
+    def attach(self, model: nn.Module, generators: ReplicaGenerators) -> None:
+        places = dropout_places(model)
         if self.sigma is not None:
-            return GaussianNoise(self.sigma, rng)
-        p = probabilities("regularizer.p", self.p, num_hidden)[index]
-        return GaussianNoise(math.sqrt(p / (1.0 - p)), rng)
+            sigmas = [self.sigma] * len(places)
+        else:
+            sigmas = [math.sqrt(p / (1.0 - p)) for p in probabilities("regularizer.p", self.p, len(places))]
+        for place, sigma in zip(places, sigmas):
+            put_at(place, GaussianNoise(sigma, generators))

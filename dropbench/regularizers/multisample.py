@@ -1,17 +1,17 @@
 """Multi-sample dropout (Inoue 2019, "Multi-Sample Dropout for Accelerated Training and Better
 Generalization", arXiv:1905.09788).
 
-The network runs once up to its last hidden representation h = features(x); K dropout masks
+The network runs once up to the input h of its head (the output layer); K dropout masks
 m_1..m_K ~ Bernoulli(1 - p) are applied to h (inverted scaling), each copy goes through the shared
 head, and the loss is the average over the samples:
 
     loss = 1/K sum_k CE(head(m_k * h / (1 - p)), y)
 
-so the cost of the expensive layers is paid once per batch. Evaluation is the plain forward pass
-(no dropout), as in the paper. Hidden layers before the last get ordinary inverted dropout with
-their p; the last hidden layer's dropout happens in the loss. With k=1 the method is dropout.
-Parameters: k (default 8, the paper's), p (default 0.5; scalar or one per hidden layer, the last
-entry being the multi-sample rate).
+so the cost of the layers before the head is paid once per batch. Evaluation is the plain forward
+pass (no dropout), as in the paper. The other dropout places get ordinary inverted dropout with
+their p; the last place's rate is the multi-sample rate (no dropout there: the samples replace it).
+With k=1 the method is dropout. Parameters: k (default 8, the paper's), p (default 0.5; scalar or
+one per dropout place).
 """
 
 from __future__ import annotations
@@ -19,54 +19,49 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dropbench.config import positive_int, probabilities, scalar_or_list
-from dropbench.regularizers import Regularizer, cross_entropy
-from dropbench.regularizers.dropout import DropoutLayer
-from dropbench.replicas import ReplicaRNG
-
-
-class MultiSampleSlot(nn.Module):
-    """Marks the last hidden layer, whose dropout multi-sample dropout applies in the loss (identity)."""
-
-    stochastic = True
-
-    def __init__(self, p: float, k: int):
-        super().__init__()
-        self.p, self.k = p, k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, k={self.k} (applied in the loss)"
+from dropbench.config import check, probabilities, scalar_or_list
+from dropbench.regularizers import DROPOUTS, NoPlace, Regularizer, cross_entropy, dropout_places, head_of, put_at
+from dropbench.regularizers.dropout import DropoutLayer, dropout
+from dropbench.replicas import ReplicaGenerators, Replicas
 
 
 class MultiSample(Regularizer):
-    stochastic = True
+    places = ("dropout", "loss")
 
     def __init__(self, k: int = 8, p=0.5):
-        self.k = positive_int("regularizer.k", k)
+        self.k = check("regularizer.k", k)
         self.p = scalar_or_list(p)
-        probabilities("regularizer.p", self.p, len(self.p) if isinstance(self.p, list) else 1)
-        self.last_p: float | None = None
-        self.rng: ReplicaRNG | None = None
+        check("regularizer.p", self.p)
 
     def summary(self) -> dict:
         return {"p": self.p, "k": self.k}
 
-    def hidden_layer(self, index, num_hidden, shape, rng):
-        p = probabilities("regularizer.p", self.p, num_hidden)[index]
-        if index < num_hidden - 1:
-            return DropoutLayer(p, rng)
-        self.last_p, self.rng = p, rng
-        return MultiSampleSlot(p, self.k)
+    def attach(self, model: nn.Module, generators: ReplicaGenerators) -> None:
+        head = head_of(model)
+        if head is None:
+            raise NoPlace("an output layer (nn.Linear) to feed K samples")
+        places = dropout_places(model)
+        rates = probabilities("regularizer.p", self.p, len(places))
+        for place, p in zip(places[:-1], rates[:-1]):
+            put_at(place, DropoutLayer(p, generators))
+        if isinstance(places[-1].module, DROPOUTS):
+            places[-1].replace(nn.Identity())
+        head.register_forward_pre_hook(self._samples(rates[-1], generators))
 
-    def forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = model.features(x)  # [R, B, *shape], computed once
-        if not self.last_p:
-            return cross_entropy(model.head(h), y)
-        keep = 1.0 - self.last_p
-        masks = self.rng.keep_mask((self.k, *h.shape[1:]), keep)  # [R, K, B, *shape]
-        samples = (h.unsqueeze(1) * masks * (1.0 / keep)).flatten(1, 2)  # [R, K*B, *shape]
-        # Mean over K*B examples = mean over the K samples of each sample's batch-mean CE.
-        return cross_entropy(model.head(samples), y.repeat(1, self.k))
+    def _samples(self, p: float, generators: ReplicaGenerators):
+        """A pre-hook turning the head's input h [B, ...] into K masked copies [K*B, ...] in training."""
+        k = self.k
+
+        def hook(module, args):
+            if not module.training or p == 0.0:
+                return None
+            h = args[0]
+            copies = h.unsqueeze(0).expand(k, *h.shape)
+            return (dropout(copies, p, generators).flatten(0, 1), *args[1:])
+
+        return hook
+
+    def loss(self, model: Replicas, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)  # [R, K*B, C] in training: sample k's batch is rows k*B..(k+1)*B-1
+        # mean over K*B examples = mean over the K samples of each sample's batch-mean CE
+        return cross_entropy(logits, y.repeat(1, logits.shape[1] // y.shape[1]))

@@ -4,8 +4,8 @@ Krogh & Hertz 1992, "A Simple Weight Decay Can Improve Generalization"; L1 as in
     l1:  lam * sum_w |w|          (default lam = 1e-5)
     l2:  lam / 2 * sum_w w^2      (default lam = 1e-4)
 
-The sums run over the weights of every Linear/Conv layer, head included, and leave out biases and
-normalization parameters (our choice, the common one: biases do not cause overfitting and
+The sums run over the weights of every nn.Linear/nn.Conv* module of the model, head included, and leave
+out biases and normalization parameters (our choice, the common one: biases do not cause overfitting and
 penalizing them shifts the units' operating points).
 
 l2 versus the optimizer's weight_decay: the gradient of lam/2 ||w||^2 is lam w, which is exactly
@@ -22,27 +22,49 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dropbench.config import non_negative
-from dropbench.regularizers import Regularizer, weight_layers
+from dropbench.config import check
+from dropbench.regularizers import NoPlace, Regularizer, weight_names
+from dropbench.replicas import ReplicaGenerators, Replicas
 
 
-class L1(Regularizer):
+class Penalty(Regularizer):
+    """lam * sum over the weights of `term(w)`, per replica."""
+
+    def __init__(self, lam: float):
+        self.lam = check("regularizer.lam", lam)
+        self.names: list[str] = []
+
+    def summary(self) -> dict:
+        return {"lam": self.lam}
+
+    def attach(self, model: nn.Module, generators: ReplicaGenerators) -> None:
+        if not weight_names(model):
+            raise NoPlace("an nn.Linear or nn.Conv layer whose weights it penalizes")
+
+    def bind(self, model: Replicas) -> None:
+        self.names = weight_names(model.module)
+
+    @staticmethod
+    def term(w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def penalty(self, model: Replicas) -> torch.Tensor:
+        return self.lam * sum(self.term(model.stacked(name)).flatten(1).sum(1) for name in self.names)
+
+
+class L1(Penalty):
     def __init__(self, lam: float = 1e-5):
-        self.lam = non_negative("regularizer.lam", lam)
+        super().__init__(lam)
 
-    def summary(self) -> dict:
-        return {"lam": self.lam}
-
-    def penalty(self, model: nn.Module) -> torch.Tensor:
-        return self.lam * sum(m.weight.abs().flatten(1).sum(1) for m in weight_layers(model))
+    @staticmethod
+    def term(w):
+        return w.abs()
 
 
-class L2(Regularizer):
+class L2(Penalty):
     def __init__(self, lam: float = 1e-4):
-        self.lam = non_negative("regularizer.lam", lam)
+        super().__init__(lam)
 
-    def summary(self) -> dict:
-        return {"lam": self.lam}
-
-    def penalty(self, model: nn.Module) -> torch.Tensor:
-        return (self.lam / 2) * sum(m.weight.square().flatten(1).sum(1) for m in weight_layers(model))
+    @staticmethod
+    def term(w):
+        return w.square() / 2

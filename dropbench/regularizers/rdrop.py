@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from dropbench.config import choice, non_negative, scalar_or_list
+from dropbench.config import check, scalar_or_list
 from dropbench.regularizers import Regularizer, cross_entropy
-
-KL_REDUCTIONS = ("sum", "batchmean")
+from dropbench.replicas import Replicas
 
 
 def symmetric_kl(logits1: torch.Tensor, logits2: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
@@ -48,18 +46,19 @@ def symmetric_kl(logits1: torch.Tensor, logits2: torch.Tensor, reduction: str = 
 
 
 class RDrop(Regularizer):
-    needs_stochastic = True
+    places = ("loss",)
+    needs_random_layers = True
     builds_on = ("dropout",)
 
     def __init__(self, alpha: float = 1.0, p=0.5, kl_reduction: str = "batchmean"):
-        self.alpha = non_negative("regularizer.alpha", alpha)
-        self.kl_reduction = choice("regularizer.kl_reduction", kl_reduction, KL_REDUCTIONS)
+        self.alpha = check("regularizer.alpha", alpha, "rdrop")
+        self.kl_reduction = check("regularizer.kl_reduction", kl_reduction)
         self.p = scalar_or_list(p)  # dropout's rate, checked by the dropout method; recorded here
 
     def summary(self) -> dict:
         return {"p": self.p, "alpha": self.alpha, "kl_reduction": self.kl_reduction}
 
-    def forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, model: Replicas, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits1, logits2 = model(x), model(x)  # two passes: independent dropout masks
         loss = (cross_entropy(logits1, y) + cross_entropy(logits2, y)) / 2
         if self.alpha > 0:

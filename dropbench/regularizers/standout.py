@@ -12,7 +12,8 @@ with pre-activation a = W x + b:
 
 The mask is a sample, so no gradient flows through pi in training (as in the paper with tied
 weights, where the standout network is not trained separately); gradients flow through act(a).
-Acts on hidden Linear layers (it needs the pre-activation), so a CNN needs model.hidden layers.
+Places: every hidden nn.Linear directly followed by an activation module in an nn.Sequential (it
+needs the pre-activation); the pair is replaced by one StandoutLinear holding the same Linear.
 alpha=0 gives dropout with the constant keep probability sigmoid(beta) (scaled at evaluation).
 Defaults: alpha=1.0, beta=0.0.
 """
@@ -22,20 +23,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dropbench.config import real
-from dropbench.regularizers import Regularizer
-from dropbench.replicas import ReplicaLinear, ReplicaRNG
+from dropbench.config import check
+from dropbench.regularizers import NoPlace, Regularizer, hidden_pairs
+from dropbench.replicas import ReplicaGenerators, replica_random
 
 
 class StandoutLinear(nn.Module):
-    """m * act(W x + b), m ~ Bernoulli(sigmoid(alpha (W x + b) + beta)); [R, B, in] -> [R, B, out]."""
+    """m * act(W x + b), m ~ Bernoulli(sigmoid(alpha (W x + b) + beta)); `linear` holds W and b."""
 
     stochastic = True
 
-    def __init__(self, linear: ReplicaLinear, activation: nn.Module, alpha: float, beta: float, rng: ReplicaRNG):
+    def __init__(self, linear: nn.Linear, activation: nn.Module, alpha: float, beta: float,
+                 generators: ReplicaGenerators):
         super().__init__()
         self.linear, self.activation = linear, activation
-        self.alpha, self.beta, self.rng = alpha, beta, rng
+        self.alpha, self.beta, self.generators = alpha, beta, generators
 
     def keep_probability(self, a: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.alpha * a + self.beta)
@@ -44,24 +46,28 @@ class StandoutLinear(nn.Module):
         a = self.linear(x)
         keep = self.keep_probability(a)
         if self.training:
-            mask = (self.rng.uniform(tuple(a.shape[1:])) < keep.detach()).to(a.dtype)
+            mask = (replica_random(a, a.shape, self.generators) < keep.detach()).to(a.dtype)
             return self.activation(a) * mask
         return self.activation(a) * keep
 
     def extra_repr(self) -> str:
-        return f"in={self.linear.in_features}, out={self.linear.out_features}, alpha={self.alpha}, beta={self.beta}"
+        return f"alpha={self.alpha}, beta={self.beta}"
 
 
 class Standout(Regularizer):
-    stochastic = True
+    places = ("hidden_linear",)
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.0):
-        self.alpha = real("regularizer.alpha", alpha)
-        self.beta = real("regularizer.beta", beta)
+        self.alpha = check("regularizer.alpha", alpha, "standout")
+        self.beta = check("regularizer.beta", beta)
 
     def summary(self) -> dict:
         return {"alpha": self.alpha, "beta": self.beta}
 
-    def hidden_linear(self, index, num_hidden, in_features, out_features, activation, rng):
-        return StandoutLinear(ReplicaLinear(rng.replicas, in_features, out_features), activation,
-                              self.alpha, self.beta, rng)
+    def attach(self, model: nn.Module, generators: ReplicaGenerators) -> None:
+        pairs = hidden_pairs(model, nn.Linear)
+        if not pairs:
+            raise NoPlace("a hidden nn.Linear followed by an activation module in an nn.Sequential")
+        for seq, i in pairs:
+            seq[i] = StandoutLinear(seq[i], seq[i + 1], self.alpha, self.beta, generators)
+            seq[i + 1] = nn.Identity()

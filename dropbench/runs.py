@@ -1,0 +1,437 @@
+"""Run management around the training loop: one Hydra job = one config trained for R seeds.
+
+`train_job` decides what to train (finished seeds are skipped, an interrupted run is continued
+with resume=true), where results go (a folder never holds two runs), and writes what the loop
+produces: metrics.csv after every epoch, a checkpoint, progress lines, tracker logs, and at the
+end, however the run ends (finished, diverged, failed or interrupted), summary.csv. Every file
+is written atomically (dropbench.results.atomic_file). The loop itself is dropbench.train.fit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dropbench import __version__
+from dropbench.config import UserError, check_run_config, check_writable, one_line
+from dropbench.results import (
+    CHECKPOINT,
+    CHECKPOINT_INFO,
+    FORMAT,
+    METRICS_COLUMNS,
+    SUMMARY_COLUMNS,
+    DiskFull,
+    atomic_file,
+    config_columns,
+    copy_run,
+    find_finished,
+    find_resumable,
+    identity,
+    read_summary,
+    remove_if_only_hydra,
+    remove_quietly,
+    remove_stale_temp,
+    settings,
+    write_checkpoint_info,
+    write_csv,
+)
+from dropbench.train import Run, build_run, diverged, fit, resolve_device
+
+CHECKPOINT_FORMAT = 2
+
+
+@dataclass
+class SeedRun:
+    """What one seed's run has produced so far."""
+
+    seed: int
+    run_key: str
+    group_key: str
+    out_dir: Path
+    rows: list = field(default_factory=list)
+    status: str = "running"
+    diverged_epoch: int | None = None
+    error: str = ""
+
+
+@dataclass
+class JobResult:
+    """How a job ended ("ok", "diverged", "failed", "interrupted" or "skipped") and where it wrote."""
+
+    status: str
+    run_dir: Path
+    accuracy: str = ""  # test accuracy per seed, for the closing line
+
+
+def threads_for_job(setting, parallel_jobs: int) -> int:
+    """Torch threads for this process: parallel jobs share the cores instead of oversubscribing them."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, available_cores() // max(1, parallel_jobs))
+
+
+def available_cores() -> int:
+    """Cores this process may run on: a Slurm or container allocation, not the whole machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: int = 1, job_num: int = 0) -> JobResult:
+    """Run one job (or continue it from its checkpoint with resume=true) and return how it ended;
+    `job_num` is the job's number in its sweep (it picks the GPU when several are visible).
+
+    Raises UserError before anything is written if the config is invalid.
+    """
+    check_run_config(cfg)
+    check_writable(cfg.results_dir)
+    check_writable(str(output_dir))
+    device = resolve_device(cfg.device, job_num)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    seeds = [cfg.seed + k for k in range(cfg.parallel_seeds)]
+
+    def seed_dir(run_dir: Path, seed: int) -> Path:
+        return run_dir / f"seed_{seed}" if cfg.parallel_seeds > 1 else run_dir
+
+    if (multirun or cfg.resume) and not cfg.force:  # a re-run skips what already finished
+        done = {s: find_finished(cfg.results_dir, identity(config, s)[0]) for s in seeds}
+        for s, where in done.items():
+            if where is not None:  # the sweep directory still gets the run's results, so it reports whole
+                copy_run(where, seed_dir(output_dir, s))
+                print(f"dropbench: seed {s} of this job already finished in {where}; not trained again, "
+                      f"its results copied (force=true re-runs)")
+        seeds = [s for s in seeds if done[s] is None]
+        if not seeds:
+            return JobResult("skipped", output_dir)
+    keys = {s: identity(config, s) for s in seeds}
+    found = find_resumable(cfg.results_dir, [keys[s][0] for s in seeds], device.type)
+    if found is not None and not cfg.resume:
+        if found != output_dir:
+            print(f"dropbench: an unfinished run of this job has a checkpoint in {found}; starting afresh "
+                  f"(resume=true continues it instead)")
+        found = None
+    elif cfg.resume and found is None:
+        print("dropbench: resume=true but no unfinished run of this config has a checkpoint; starting afresh")
+    if found is not None and found != output_dir:  # the run goes on in its own directory
+        remove_if_only_hydra(output_dir, Path(cfg.results_dir))
+    run_dir = found or output_dir
+    if found is None:
+        run_dir = free_run_dir(run_dir, [seed_dir(run_dir, s) for s in seeds], keys, cfg, multirun)
+    threads = threads_for_job(cfg.threads, parallel_jobs)
+    torch.set_num_threads(threads)
+
+    runs = [SeedRun(s, *keys[s], seed_dir(run_dir, s)) for s in seeds]
+    state = {"run_dir": run_dir, "started_at": _now(), "resumed_from": None, "earlier_seconds": 0.0,
+             "train_seconds": 0.0}
+    run, started, t_start, trackers, disk_full = None, False, time.perf_counter(), [], None
+    with _signals_interrupt():
+        try:
+            run = build_run(cfg, device, seeds)
+            if found is not None:
+                _restore(state, runs, run)
+            else:
+                _start_afresh(run_dir, runs)
+            started = True  # from here on the run directory tells how far it got
+            trackers = _open_trackers(cfg, config, runs, output_dir, multirun)
+            with _progress(cfg, len(runs)) as progress:
+                def on_epoch(epoch, mean_loss, metrics, train_seconds, eval_seconds) -> bool:
+                    state["train_seconds"] += train_seconds
+                    _record_epoch(runs, trackers, epoch, diverged(mean_loss, run.data.num_classes), metrics,
+                                  train_seconds, eval_seconds)
+                    progress(epoch, cfg.epochs, metrics, train_seconds + eval_seconds)
+                    live = any(seed_run.status == "running" for seed_run in runs)
+                    if live:
+                        _save_checkpoint(state, runs, run, epoch, time.perf_counter() - t_start, device)
+                    return live
+
+                fit(cfg, run, (state["resumed_from"] or 0) + 1, on_epoch)
+        except KeyboardInterrupt:
+            if started:
+                with _signals_ignored():  # a second Ctrl-C must not cut the state being written
+                    _finish(runs, "interrupted", "")
+                    for seed_run in runs:  # the signal may have cut the last metrics.csv write short
+                        if seed_run.rows:
+                            write_csv(seed_run.out_dir / "metrics.csv", seed_run.rows, METRICS_COLUMNS)
+                    _write_summaries(cfg, config, run, state, runs, time.perf_counter() - t_start, device, threads)
+                    for seed_run, tracker in zip(runs, trackers):
+                        tracker.finish(seed_run.status)
+            raise
+        except Exception as error:  # a crash is recorded as a failed run so that a sweep goes on
+            if not started and isinstance(error, UserError):
+                raise  # a config problem found while building: nothing written, one line
+            _finish(runs, "failed", f"{type(error).__name__}: {one_line(error)}")
+            disk_full = error if isinstance(error, DiskFull) else None
+        else:
+            _finish(runs, "ok", "")
+        _write_summaries(cfg, config, run, state, runs, time.perf_counter() - t_start, device, threads)
+        for seed_run, tracker in zip(runs, trackers):
+            tracker.finish(seed_run.status)
+        if disk_full is not None:  # recorded as failed where it could be; the command must not go on
+            raise disk_full
+    statuses = {r.status for r in runs}
+    if statuses <= {"ok", "diverged"} and not cfg.keep_checkpoint:  # nothing left to continue
+        remove_quietly(run_dir / CHECKPOINT, run_dir / CHECKPOINT_INFO)
+    status = "failed" if "failed" in statuses else "diverged" if statuses == {"diverged"} else "ok"
+    accuracy = ", ".join(f"seed {r.seed} test acc {_last(r.rows, 'test', 'accuracy'):.3f}"
+                         for r in runs if _last(r.rows, "test", "accuracy") is not None)
+    return JobResult(status, run_dir, accuracy)
+
+
+def _record_epoch(runs: list[SeedRun], trackers: list, epoch: int, stopped: list[bool], metrics: dict,
+                  train_seconds: float, eval_seconds: float) -> None:
+    """Each running seed's metrics of this epoch into its metrics.csv and trackers; a seed whose
+    training loss diverged stops recording (the others go on)."""
+    for r, (seed_run, stop) in enumerate(zip(runs, stopped)):
+        if seed_run.status != "running":
+            continue
+        if stop:
+            seed_run.status, seed_run.diverged_epoch = "diverged", epoch
+            continue
+        for split, values in metrics.items():
+            seconds = train_seconds if split == "train" else eval_seconds
+            seed_run.rows.append({"epoch": epoch, "split": split, **{k: v[r] for k, v in values.items()},
+                                  "seconds": round(seconds, 6)})
+        write_csv(seed_run.out_dir / "metrics.csv", seed_run.rows, METRICS_COLUMNS)
+        if trackers:
+            trackers[r].log_epoch(epoch, {f"{split}/{'acc' if k == 'accuracy' else k}": v[r]
+                                          for split, values in metrics.items() for k, v in values.items()})
+
+
+def _open_trackers(cfg, config: dict, runs: list[SeedRun], output_dir: Path, multirun: bool) -> list:
+    """One tracker run per seed (TensorBoard, MLflow, W&B as the `logger` group says), grouped by sweep."""
+    if not cfg.get("logger"):
+        return []
+    from dropbench.trackers import Trackers
+
+    group = output_dir.parent.name if multirun else "runs"
+    hyperparameters = settings(config)
+    return [Trackers.open(cfg.logger, run_name=f"{output_dir.name}-seed{r.seed}", group=group,
+                          config={**hyperparameters, "seed": r.seed}, out_dir=r.out_dir) for r in runs]
+
+
+def free_run_dir(run_dir: Path, seed_dirs: list[Path], keys: dict, cfg, multirun: bool) -> Path:
+    """`run_dir`, unless it holds results of a run it would overwrite: a finished run is never
+    deleted by another. A single run refuses (force=true replaces it); a sweep job whose folder is
+    taken by another config writes into the next free `NAME-2`, `NAME-3`, ... instead."""
+    run_keys = {k[0] for k in keys.values()}
+    taken = [d for d in seed_dirs if (row := read_summary(d / "summary.csv")) is not None
+             and (row["status"] in ("ok", "diverged") or row["run_key"] not in run_keys)]
+    if not taken or cfg.force:
+        return run_dir
+    if not multirun:
+        raise UserError(f"hydra.run.dir {str(run_dir)!r} already holds a finished run; choose another directory, "
+                        f"or force=true to replace it")
+    n = 2
+    while (run_dir.parent / f"{run_dir.name}-{n}").exists():
+        n += 1
+    moved = run_dir.parent / f"{run_dir.name}-{n}"
+    print(f"dropbench: {run_dir} holds another run's results; this job writes into {moved}")
+    return moved
+
+
+def _last(rows: list[dict], split: str, key: str):
+    values = [row[key] for row in rows if row["split"] == split]
+    return values[-1] if values else None
+
+
+def _finish(runs: list[SeedRun], status: str, error: str) -> None:
+    for seed_run in runs:
+        if seed_run.status == "running":
+            seed_run.status, seed_run.error = status, error
+
+
+def _write_summaries(cfg, config, run: Run | None, state: dict, runs: list[SeedRun], wall_seconds: float, device,
+                     threads: int) -> None:
+    if run is not None:
+        name, reg_params = run.regs.name, run.regs.summary()
+    else:  # stopped before the regularizers were built
+        name, reg_params = "+".join(cfg.regularizer.get("methods") or {}) or "none", {"p": cfg.regularizer.get("p", "")}
+    p = reg_params.get("p", "")
+    p = "/".join(str(v) for v in p) if isinstance(p, (list, tuple)) or OmegaConf.is_list(p) else p
+    columns = SUMMARY_COLUMNS + sorted(config_columns(config))
+    from dropbench.models import model_label
+
+    for seed_run in runs:
+        by_split = {s: [row for row in seed_run.rows if row["split"] == s] for s in ("train", "val", "test")}
+        last = {s: rows[-1] if rows else {} for s, rows in by_split.items()}
+        # the epoch selected on validation accuracy (the first of equals); test data take no part
+        best = max(by_split["val"], key=lambda row: row["accuracy"]) if by_split["val"] else {}
+        test_at_best = next((row for row in by_split["test"] if best and row["epoch"] == best["epoch"]), {})
+        epochs_done = len(by_split["train"])
+        summary = {
+            "format": FORMAT, "run_id": uuid.uuid4().hex[:12], "run_key": seed_run.run_key,
+            "group_key": seed_run.group_key, "status": seed_run.status, "dataset": cfg.dataset.name,
+            "model": model_label(cfg.model), "regularizer": name, "p": p, "seed": seed_run.seed, "epochs": cfg.epochs,
+            "lr": cfg.optimizer.lr, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer.name,
+            "val_fraction": cfg.dataset.get("val_fraction", ""), "epochs_completed": epochs_done,
+            "diverged_epoch": seed_run.diverged_epoch,
+            "train_acc": last["train"].get("accuracy", ""), "val_acc": last["val"].get("accuracy", ""),
+            "test_acc": last["test"].get("accuracy", ""),
+            "gap": last["train"]["accuracy"] - last["test"]["accuracy"] if last["test"] else "",
+            "train_loss": last["train"].get("loss", ""), "val_loss": last["val"].get("loss", ""),
+            "test_loss": last["test"].get("loss", ""), "test_ece": last["test"].get("ece", ""),
+            "best_epoch": best.get("epoch", ""), "best_val_acc": best.get("accuracy", ""),
+            "test_acc_at_best": test_at_best.get("accuracy", ""),
+            "train_seconds": round(state["train_seconds"], 3),
+            "seconds_per_epoch": round(state["train_seconds"] / epochs_done, 4) if epochs_done else "",
+            "wall_seconds": round(state["earlier_seconds"] + wall_seconds, 3),
+            "parallel_seeds": len(runs), "error": seed_run.error, "started_at": state["started_at"],
+            "finished_at": _now(), "device": str(device), "dropbench_version": __version__,
+            "threads": threads, "resumed_from_epoch": state["resumed_from"] or "",
+            **config_columns({**config, "seed": seed_run.seed}),
+        }
+        write_csv(seed_run.out_dir / "summary.csv", [summary], columns)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+def _start_afresh(run_dir: Path, runs: list[SeedRun]) -> None:
+    """A run directory being (re)used from the start holds nothing of an earlier attempt."""
+    for seed_run in runs:
+        remove_quietly(seed_run.out_dir / "summary.csv", seed_run.out_dir / "metrics.csv")
+        remove_stale_temp(seed_run.out_dir)
+    remove_quietly(run_dir / CHECKPOINT, run_dir / CHECKPOINT_INFO)
+    remove_stale_temp(run_dir)
+
+
+def _save_checkpoint(state: dict, runs: list[SeedRun], run: Run, epoch: int, seconds: float,
+                     device: torch.device) -> None:
+    """Everything needed to continue after `epoch`, as one dict, written atomically; checkpoint.json
+    (run keys) beside it."""
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, "started_at": state["started_at"],
+        "wall_seconds": state["earlier_seconds"] + seconds, "train_seconds": state["train_seconds"],
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "generators": run.generators.state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "seeds": [{"seed": r.seed, "status": r.status, "diverged_epoch": r.diverged_epoch, "rows": r.rows}
+                  for r in runs],
+    }
+    # checkpoint.json first: a checkpoint.pt is never without it (resume ignores a json alone)
+    write_checkpoint_info(state["run_dir"], [r.run_key for r in runs],
+                          [os.path.relpath(r.out_dir, state["run_dir"]) for r in runs], device.type)
+    with atomic_file(state["run_dir"] / CHECKPOINT, "wb") as f:
+        torch.save(checkpoint, f)
+
+
+def _restore(state: dict, runs: list[SeedRun], run: Run) -> None:
+    """Continue from the run directory's checkpoint: every state as it was at the end of its epoch."""
+    path = state["run_dir"] / CHECKPOINT
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {checkpoint.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
+        run.model.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        if run.scheduler is not None:
+            run.scheduler.load_state_dict(checkpoint["scheduler"])
+        run.generators.load_state(checkpoint["generators"])
+        torch.set_rng_state(checkpoint["torch_rng"])  # random ops outside dropbench's layers draw from it
+        if checkpoint["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], run.data.device)
+        saved = {r["seed"]: r for r in checkpoint["seeds"]}
+        for seed_run in runs:
+            r = saved[seed_run.seed]
+            seed_run.rows, seed_run.status, seed_run.diverged_epoch = r["rows"], r["status"], r["diverged_epoch"]
+    except Exception as error:
+        raise UserError(f"cannot resume from {path} ({type(error).__name__}: {one_line(error)}); "
+                        f"delete it, or run without resume=true") from None
+    remove_stale_temp(state["run_dir"])
+    for seed_run in runs:  # the directory holds a running run again
+        remove_quietly(seed_run.out_dir / "summary.csv")
+        remove_stale_temp(seed_run.out_dir)
+        write_csv(seed_run.out_dir / "metrics.csv", seed_run.rows, METRICS_COLUMNS)
+    state.update(resumed_from=checkpoint["epoch"], started_at=checkpoint["started_at"],
+                 earlier_seconds=checkpoint["wall_seconds"], train_seconds=checkpoint["train_seconds"])
+    print(f"dropbench: resuming {state['run_dir']} after epoch {checkpoint['epoch']}")
+
+
+# -- signals -------------------------------------------------------------------------------------------
+
+def raise_interrupt(signum, frame):
+    """SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: its state is written first."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def _signals_interrupt():
+    """SIGTERM stops the run like Ctrl-C; set here as well as in the CLI, for launchers that run
+    jobs in worker processes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def _signals_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# -- progress ------------------------------------------------------------------------------------------
+
+@contextmanager
+def _progress(cfg, replicas: int):
+    """Yields progress(epoch, epochs, metrics, seconds): a rich bar with ETA on a terminal; one
+    plain line per epoch on stdout elsewhere (cluster logs, nohup), so a log shows life; nothing
+    with progress=false."""
+    if cfg.progress is False:
+        yield lambda *args: None
+        return
+    if not sys.stderr.isatty():
+        def line(epoch, epochs, metrics, seconds):
+            accs = " ".join(f"{split}_acc {_mean(m['accuracy']):.4f}" for split, m in metrics.items())
+            print(f"epoch {epoch}/{epochs} {accs} {seconds:.2f} s", flush=True)
+
+        yield line
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("train", total=cfg.epochs)
+
+        def update(epoch, epochs, metrics, seconds):
+            split = "val" if "val" in metrics else "test"
+            bar.update(task, completed=epoch,
+                       description=f"epoch {epoch} {split} acc {_mean(metrics[split]['accuracy']):.3f}"
+                                   + (f" (mean of {replicas})" if replicas > 1 else ""))
+
+        yield update
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

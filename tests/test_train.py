@@ -1,0 +1,64 @@
+"""The training module's own rules: which device a job gets, when a run has diverged, and the
+evaluation metrics (ECE against a direct computation)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from dropbench.config import UserError
+from dropbench.train import DIVERGED_LOSS_FACTOR, build_run, diverged, evaluate, resolve_device, train_epoch
+
+
+def test_jobs_of_a_sweep_spread_over_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [str(resolve_device("auto", n)) for n in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3",
+                                                                  "cuda:0", "cuda:1"]
+    assert str(resolve_device("cuda", 6)) == "cuda:2" and str(resolve_device("cuda:3", 6)) == "cuda:3"
+    with pytest.raises(UserError, match="has 4 GPU"):
+        resolve_device("cuda:4")
+
+
+def test_without_a_gpu_auto_is_the_cpu_and_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 3) == torch.device("cpu")
+    with pytest.raises(UserError, match="device=cuda is not available"):
+        resolve_device("cuda")
+
+
+def test_divergence_is_a_loss_that_is_not_finite_or_far_above_chance():
+    limit = DIVERGED_LOSS_FACTOR * math.log(10)
+    loss = torch.tensor([2.3, float("nan"), float("inf"), limit * 0.99, limit * 1.01, 4.6e16])
+    assert diverged(loss, 10) == [False, True, True, False, True, True]
+
+
+@pytest.fixture(scope="module")
+def run():
+    with initialize_config_module("dropbench.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["dataset.num_samples=300", "model.hidden=[16]", "regularizer=dropout"])
+    torch.set_num_threads(1)
+    run = build_run(cfg, torch.device("cpu"), [0, 1])
+    train_epoch(run, 32)
+    return run
+
+
+def test_evaluation_metrics_match_a_direct_computation(run):
+    metrics = evaluate(run, "test", batch_size=50)  # several chunks
+    run.model.eval()
+    x, y = run.data.x_test, run.data.y_test
+    with torch.no_grad():
+        probs = torch.softmax(run.model.shared(x), -1).double().numpy()
+    labels = y.numpy()
+    for r in range(2):
+        p = probs[r]
+        confidence, hit = p.max(1), p.argmax(1) == labels
+        bins = np.minimum((confidence * 15).astype(int), 14)
+        ece = sum(abs(confidence[bins == b].sum() - hit[bins == b].sum()) for b in range(15)) / len(labels)
+        assert metrics["ece"][r] == pytest.approx(ece, abs=1e-6)
+        assert metrics["accuracy"][r] == pytest.approx(hit.mean())
+        assert metrics["loss"][r] == pytest.approx(-np.log(p[np.arange(len(labels)), labels]).mean(), rel=1e-5)
