@@ -6,12 +6,20 @@ and `report` answer at once.
 
 from __future__ import annotations
 
+import difflib
+import errno
+import hashlib
+import math
 import os
 import signal
 import sys
 import time
+from collections import Counter
+from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from dropbench import __version__
 from dropbench.results import files_named, read_summary, remove_if_only_hydra  # stdlib only: no torch
@@ -29,13 +37,14 @@ examples:
   dropbench train -m regularizer=dropout regularizer.p=0.1,0.5,0.9 seed=0,1,2
   dropbench report results/sweeps
 """
-GROUPS = ("dataset", "model", "regularizer", "optimizer", "schedule", "experiment")
+GROUPS = ("dataset", "model", "regularizer", "optimizer", "schedule", "logger", "experiment")
 
 
 def choices(group: str) -> list[str]:
-    """Config names available in a config group (YAML files under conf/<group>)."""
+    """Config names available in a config group (YAML files under conf/<group>; `_name` files are
+    shared parts of the others, not choices)."""
     folder = files("dropbench.conf") / group
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
 def fail(command: str, message: str, code: int = 2) -> None:
@@ -44,34 +53,70 @@ def fail(command: str, message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def check_group_overrides(overrides: list[str]) -> None:
-    """Unknown group choices (dataset=nope) get one line listing the choices, before Hydra starts."""
+MAX_FOLDER_BYTES = 200  # below a file system's 255-byte limit on a name, with room for the -2, -3 of free_run_dir
+
+
+def job_folder(overrides: str) -> str:
+    """The folder name of a sweep job from its overrides (Hydra's `hydra.job.override_dirname`).
+
+    One folder inside the sweep directory whatever the values: `/`, `%`, control characters and a
+    leading `.` become `%XX`, so `../` in a value names no parent and no name is hidden, `.` or `..`.
+    A name over MAX_FOLDER_BYTES becomes its first 64 bytes, `~` and a hash of the whole (stable: the
+    same overrides, the same folder); the job's full overrides are in its `.hydra/overrides.yaml`.
+    """
+    name = "".join(f"%{ord(c):02X}" if c in "/%" or ord(c) < 32 or ord(c) == 127 or (c == "." and i == 0) else c
+                   for i, c in enumerate(str(overrides)))
+    if len(name.encode()) <= MAX_FOLDER_BYTES:
+        return name
+    head = name.encode()[:64].decode(errors="ignore")
+    return f"{head}~{hashlib.sha1(str(overrides).encode()).hexdigest()[:16]}"
+
+
+# conf/config.yaml names sweep jobs' folders with ${job_folder:...}. Registered on import: launchers
+# that run jobs in other processes (joblib, submitit) import this module there to unpickle the
+# SweepCallback, before the job's folder is resolved.
+if not OmegaConf.has_resolver("job_folder"):
+    OmegaConf.register_new_resolver("job_folder", job_folder)
+
+
+def _unknown_option(arg: str, parser) -> str:
+    """The message for a command-line word Hydra's parser does not know, with the likeliest intent."""
+    from dropbench.config import GROUPS, TOP_LEVEL
+
+    word = arg.lstrip("-")
+    if "=" in word or word in TOP_LEVEL or word.split(".")[0] in GROUPS:
+        return f"unknown option {arg}; did you mean {word}? (settings are KEY=VALUE, without dashes)"
+    flags = [s[2:] for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    match = difflib.get_close_matches(word, flags, n=1, cutoff=0.6)
+    hint = f"did you mean --{match[0]}? " if match else ""
+    return (f"unknown option {arg}; {hint}settings are KEY=VALUE (e.g. epochs=5), "
+            f"and `dropbench train --help` lists the options")
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    """Overrides that Hydra would fail on with a traceback, or that would write where they should not."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ChoiceSweep
     from hydra.errors import HydraException
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as error:
-        fail("train", str(error).splitlines()[0])
+    from dropbench.config import UserError, check, one_line
 
-    def names(value):
-        if isinstance(value, str):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                yield from names(v)
-        elif isinstance(value, ChoiceSweep):
-            yield from names(value.list)
-
+    parser, parsed = OverridesParser.create(), []
+    for override in overrides:
+        try:
+            parsed += parser.parse_overrides([override])
+        except HydraException as error:
+            fail("train", f"{override!r} is not a valid override: {one_line(error)}")
     for o in parsed:
-        group = o.key_or_group
-        if group not in GROUPS or o.is_delete() or o.package is not None:
-            continue
-        known = choices(group)
-        for name in names(o.value()):
-            if name not in known and name != "null":
-                fail("train", f"unknown {group} {name!r}; choose from: {', '.join(known)}")
+        if not o.key_or_group:
+            fail("train", f"{o.input_line!r} has no key; an override is KEY=VALUE (e.g. epochs=5)")
+        if o.key_or_group == "results_dir" and o.is_sweep_override():
+            fail("train", f"{o.input_line} would sweep over results_dir, but a sweep writes to one directory; "
+                          f"give one (quote a path with a comma: results_dir='a,b')")
+        if o.key_or_group == "results_dir" and not o.is_delete():
+            try:  # checked before Hydra makes its run directory in it
+                check("results_dir", o.value())
+            except UserError as error:
+                fail("train", str(error))
 
 
 def parse_train_args(argv: list[str]):
@@ -82,7 +127,10 @@ def parse_train_args(argv: list[str]):
     parser = get_args_parser()
     parser.prog = "dropbench train"
     parser.error = lambda message: fail("train", message)
-    args = parser.parse_intermixed_args(argv)
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    if unknown:
+        fail("train", _unknown_option(unknown[0], parser))
+    _check_overrides(args.overrides)
     modes = [f for f, on in (("--run", args.run), ("--multirun", args.multirun), ("--cfg", args.cfg),
                              ("--info", args.info), ("--shell-completion", args.shell_completion)) if on]
     if len(modes) > 1:
@@ -93,6 +141,9 @@ def parse_train_args(argv: list[str]):
             pending.pop(0)
         else:
             flags.append(a)
+    # a user's model takes whatever arguments its callable declares: `model.module.ARG=VALUE` adds
+    # ARG, where Hydra alone would ask for `+` on a key the config does not list
+    args.overrides = [f"++{o}" if o.startswith("model.module.") else o for o in args.overrides]
     return flags + list(args.overrides), args
 
 
@@ -114,10 +165,9 @@ class SweepCallback:
 
 def train(argv: list[str]) -> None:
     argv, args = parse_train_args(argv)
-    check_group_overrides(args.overrides)
 
     import hydra
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
     from dropbench.conf import __name__ as conf_package
@@ -130,18 +180,28 @@ def train(argv: list[str]) -> None:
     failures, started = [], time.time()
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{conf_package}", config_name="config")
-    def job(cfg) -> str:
+    def job(cfg) -> float:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
         output_dir = Path(hc.runtime.output_dir)
         multirun = hc.mode.name == "MULTIRUN"
+        # a sweeper other than Hydra's grid (e.g. Optuna) optimizes the score the job returns
+        optimizing = multirun and not str(hc.sweeper.get("_target_", "")).endswith(".BasicSweeper")
         try:
             check_run_config(cfg)  # cheap checks before torch is imported
             check_writable(cfg.results_dir)
-            from dropbench.train import train_job
+            if optimizing and not cfg.dataset.get("val_fraction"):
+                raise UserError("dataset.val_fraction=0 holds out no validation data, and a search is scored on "
+                                "validation accuracy only (never on test data); set dataset.val_fraction in (0, 1)")
+            from dropbench.runs import train_job
 
-            result = train_job(cfg, output_dir, multirun, _parallel_jobs(hc) if multirun else 1)
+            result = train_job(cfg, output_dir, multirun, _parallel_jobs(hc) if multirun else 1,
+                               job_num=hc.job.num if multirun else 0)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            fail("train", _no_space(error), code=1)
         except UserError as error:  # one line and exit 2 (SystemExit passes Hydra's and joblib's handlers)
             remove_if_only_hydra(output_dir, Path(cfg.results_dir))
             fail("train", str(error))
@@ -156,9 +216,13 @@ def train(argv: list[str]) -> None:
         elif result.status != "skipped":
             detail = f" ({result.accuracy})" if result.accuracy else ""
             print(f"dropbench train: {result.status}{detail}: {result.run_dir}")
-        return result.status
+        score = job_score(cfg, [result.run_dir, output_dir])  # output_dir: copies of seeds finished earlier
+        if optimizing and math.isnan(score):
+            # an exception is how a Hydra sweeper learns of a failed trial (Optuna 2 aborts on a NaN value)
+            raise NoScore(f"{result.run_dir}: not every seed finished ok, so the job has no validation score")
+        return score
 
-    sys.argv = ["dropbench train", *argv]
+    sys.argv = [sys.argv[0] if Path(sys.argv[0]).name == "dropbench" else "dropbench", *argv]
     SweepCallback.sweep_dir = None
     try:
         job()
@@ -167,34 +231,95 @@ def train(argv: list[str]) -> None:
         raise
     except hydra_errors as error:
         _remove_empty_sweep(SweepCallback.sweep_dir)
+        if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
+            group, name = error.missing_cfg_file.rsplit("/", 1)
+            known = ", ".join(o for o in error.options if not o.startswith("_"))  # `_name`: shared parts
+            fail("train", f"unknown {group} {name!r}; choose from: {known} (or add your own with --config-dir DIR)")
         cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else None
         fail("train", one_line(error) + (f" ({one_line(cause)})" if cause else ""))
     except OSError as error:
+        if error.errno == errno.ENOSPC:
+            fail("train", _no_space(error), code=1)
         where = f" {error.filename}" if error.filename else ""
         fail("train", f"cannot write{where}: {error.strerror or error}; choose another place with results_dir=PATH")
     sweep_dir = SweepCallback.sweep_dir
     if sweep_dir is not None:
         _remove_empty_sweep(sweep_dir)
+        statuses = _sweep_statuses(sweep_dir, started)
         if not failures:  # jobs run in worker processes (joblib) report through their summaries
-            failures = _failed_since(sweep_dir, started)
+            failures = [run_dir for run_dir, (status, _) in statuses.items() if status == "failed"]
             for run_dir in failures:
                 print(f"dropbench train: run failed, recorded in {run_dir}/summary.csv", file=sys.stderr)
+        if statuses:
+            print(_sweep_line(statuses, sweep_dir))
     if failures:
         sys.exit(1)
 
 
-def _failed_since(sweep_dir: Path, started: float) -> list[Path]:
-    """Runs of this sweep that failed (jobs in other processes report through their summaries)."""
-    failed = []
+def job_score(cfg, dirs: list[Path]) -> float:
+    """The value a job returns to Hydra's sweeper: the mean over the job's seeds of `best_val_acc`,
+    each seed's validation accuracy at its validation-selected epoch.
+
+    NaN when a seed did not finish `ok` (failed, diverged) or the data have no validation split
+    (`dataset.val_fraction=0`): test accuracy never scores a job, so a search never selects on it.
+
+    Args:
+        cfg: the job's config (its seeds are `seed`, ..., `seed + parallel_seeds - 1`).
+        dirs: where the job's summaries are: its run directory and, for seeds finished earlier and
+            copied in, its Hydra output directory.
+    """
+    from dropbench.results import identity
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    keys = [identity(config, cfg.seed + k)[0] for k in range(cfg.parallel_seeds)]
+    rows = {}
+    for folder in dict.fromkeys(dirs):  # the run key picks this config's runs out of a shared folder
+        for path in files_named(folder, "summary.csv"):
+            row = read_summary(path)
+            if row and row["run_key"] in keys and (row["run_key"] not in rows or row["status"] == "ok"):
+                rows[row["run_key"]] = row
+    values = [rows[k]["best_val_acc"] if k in rows and rows[k]["status"] == "ok" else "" for k in keys]
+    if not all(values):
+        return float("nan")
+    return sum(float(v) for v in values) / len(values)
+
+
+class NoScore(RuntimeError):
+    """A job that a searching sweeper cannot score (a seed failed or diverged). The sweeper records
+    a failed trial; its max_failure_rate decides whether the search goes on."""
+
+
+def _no_space(error: OSError) -> str:
+    where = f" while writing {error.filename}" if error.filename else ""
+    return (f"no space left on the device{where}; free some space and run the same command again "
+            f"(resume=true continues from the last checkpoint)")
+
+
+def _sweep_statuses(sweep_dir: Path, started: float) -> dict[Path, tuple[str, bool]]:
+    """Every run in the sweep folder: (status, whether this command trained it) by run directory.
+    Runs finished by an earlier command were copied in; their `finished_at` is older."""
+    found = {}
     for path in files_named(sweep_dir, "summary.csv"):
         row = read_summary(path)
-        try:
-            recent = path.stat().st_mtime >= started - 1
-        except OSError:
-            continue
-        if row and row["status"] == "failed" and recent:
-            failed.append(path.parent)
-    return failed
+        if row:
+            try:
+                trained_now = datetime.fromisoformat(row["finished_at"]).timestamp() >= started - 1
+            except ValueError:
+                trained_now = False
+            found[path.parent] = (row["status"], trained_now)
+    return found
+
+
+def _sweep_line(statuses: dict[Path, tuple[str, bool]], sweep_dir: Path) -> str:
+    """The closing line of `-m`: `14/14 ok, 0 failed, 0 diverged; report: dropbench report DIR`."""
+    counts = Counter(status for status, _ in statuses.values())
+    earlier = sum(not now for _, now in statuses.values())
+    parts = [f"{counts['ok']}/{len(statuses)} ok", f"{counts['failed']} failed", f"{counts['diverged']} diverged"]
+    if counts["interrupted"]:
+        parts.append(f"{counts['interrupted']} interrupted")
+    if earlier:
+        parts.append(f"{earlier} finished earlier")
+    return f"dropbench train: sweep done: {', '.join(parts)}; report: dropbench report {sweep_dir}"
 
 
 def _remove_empty_sweep(sweep_dir: Path | None) -> None:
@@ -223,11 +348,26 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def shell_completion(argv: list[str]) -> None:
+    """Hydra's shell completion calls `dropbench -sc query=SHELL` with the command line in
+    COMP_LINE; the `train` word is ours, not an override, so it is taken out before Hydra reads it."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split(maxsplit=2)
+    if len(words) >= 2 and words[1] == "train":
+        os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]]) + (" " if line.endswith(" ") else "")
+    train(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv else "--help"
+    command = argv[0] if argv else ""
+    if not command:
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
     if command in ("-h", "--help", "help"):
         print(USAGE)
+    elif command in ("-sc", "--shell-completion"):
+        shell_completion(argv)
     elif command == "--version":
         print(f"dropbench {__version__}")
     elif command == "train":

@@ -10,6 +10,7 @@ re-run of the same job is recognised whatever directory it was written to.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -19,21 +20,33 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-FORMAT = 1
+FORMAT = 2  # summary format; format 1 (dropbench 0.1) had no validation split and is still read
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+READABLE_FORMATS = ("1", str(FORMAT))
 STATUSES = ("ok", "diverged", "failed", "interrupted")
-METRICS_COLUMNS = ["epoch", "split", "loss", "accuracy", "entropy", "seconds"]
+SPLITS = ("train", "val", "test")
+# metrics.csv: one row per epoch and split; loss is the NLL under the evaluation rule, ece the
+# expected calibration error over 15 equal-width confidence bins (Guo et al. 2017)
+METRICS_COLUMNS = ["epoch", "split", "loss", "accuracy", "entropy", "ece", "seconds"]
+# summary.csv: the one place that names these columns (train.py writes them, report.py reads them)
 SUMMARY_COLUMNS = [
     "format", "run_id", "run_key", "group_key", "status", "dataset", "model", "regularizer", "p", "seed",
-    "epochs", "lr", "batch_size", "optimizer", "epochs_completed", "diverged_epoch",
-    "train_acc", "test_acc", "best_test_acc", "best_epoch", "gap", "train_loss", "test_loss", "test_entropy",
-    "wall_seconds", "parallel_seeds", "error", "started_at", "finished_at", "device", "dropbench_version",
-    "threads", "resumed_from_epoch",
+    "epochs", "lr", "batch_size", "optimizer", "val_fraction", "epochs_completed", "diverged_epoch",
+    # the last epoch's metrics
+    "train_acc", "val_acc", "test_acc", "gap", "train_loss", "val_loss", "test_loss", "test_ece",
+    # the epoch selected on validation accuracy (empty without a validation split) and the test
+    # accuracy at that epoch; test data never take part in the selection
+    "best_epoch", "best_val_acc", "test_acc_at_best",
+    "train_seconds", "seconds_per_epoch", "wall_seconds", "parallel_seeds", "error", "started_at", "finished_at",
+    "device", "dropbench_version", "threads", "resumed_from_epoch",
 ]
-# Settings that change where or how fast a run goes, not what it computes.
+# Settings that change where or how fast a run goes, or what watches it, not what it computes:
+# they are not part of a run's identity (run_key) nor of its summary's cfg.* columns. Tests check
+# that changing them leaves the numbers as they are.
+NOT_IDENTITY_GROUPS = ("logger.",)
 NOT_IDENTITY = {"device", "threads", "progress", "results_dir", "force", "resume", "keep_checkpoint",
-                "eval_batch_size", "parallel_seeds", "dataset.cache_dir", "dataset.root", "dataset.download"}
+                "parallel_seeds", "dataset.cache_dir", "dataset.root", "dataset.download", "dataset.device_budget_gb"}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -54,17 +67,44 @@ def _digest(flat: dict) -> str:
 
 def identity(config: dict, seed: int) -> tuple[str, str]:
     """(run_key, group_key) of a resolved config (without `hydra`) trained with `seed`."""
-    flat = {k: v for k, v in flatten(config).items() if k not in NOT_IDENTITY and k != "seed"}
+    flat = {k: v for k, v in settings(config).items() if k != "seed"}
     return _digest({**flat, "seed": seed}), _digest(flat)
+
+
+def settings(config: dict) -> dict[str, object]:
+    """The flattened settings that can change a run's numbers (see NOT_IDENTITY)."""
+    return {k: v for k, v in flatten(config).items() if k not in NOT_IDENTITY and not k.startswith(NOT_IDENTITY_GROUPS)}
 
 
 def config_columns(config: dict) -> dict[str, str]:
     """The run's settings as `cfg.*` summary columns (targets and the methods' interpolated copies left out)."""
     return {
         f"cfg.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v
-        for k, v in flatten(config).items()
-        if not k.endswith("_target_") and not k.startswith("regularizer.methods.") and k not in NOT_IDENTITY
+        for k, v in settings(config).items()
+        if not k.endswith("_target_") and not k.startswith("regularizer.methods.")
     }
+
+
+class DiskFull(OSError):
+    """A results file could not be written: the device holding it is full."""
+
+    def __init__(self, path: Path):
+        super().__init__(errno.ENOSPC, f"no space left on the device while writing {path}", str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """Whether `error`, or an error it arose from, is ENOSPC (torch.save reports a failed write as a
+    RuntimeError raised while handling the OSError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @contextmanager
@@ -73,19 +113,22 @@ def atomic_file(path: Path, mode: str = "w"):
     error it is flushed to disk and renamed onto `path`. A crash at any moment leaves the old file
     or the new one, never half a file; the temporary name is unique (mkstemp), so processes
     writing into the same directory never share one. Leftovers of a killed process are hidden
-    `.NAME.*.tmp` files that readers ignore."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    `.NAME.*.tmp` files that readers ignore. A full device raises DiskFull naming `path`."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are ordinary files
         with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if _out_of_space(error) and not isinstance(error, DiskFull):
+            raise DiskFull(path) from error
         raise
 
 
@@ -139,8 +182,8 @@ def check_summary(path: Path) -> dict:
     if len(rows) != 1:
         raise NotASummary(f"expected 1 data row, found {len(rows)}")
     row = rows[0]
-    if row["format"].strip() != str(FORMAT):
-        raise NotASummary(f"summary format {row['format']!r}; this version reads format {FORMAT}")
+    if row["format"].strip() not in READABLE_FORMATS:
+        raise NotASummary(f"summary format {row['format']!r}; this version reads formats {', '.join(READABLE_FORMATS)}")
     if row.get("status") not in STATUSES:
         raise NotASummary(f"unknown status {row.get('status')!r}")
     for key in ("run_key", "group_key"):
@@ -250,7 +293,8 @@ def remove_if_only_hydra(run_dir: Path, results_dir: Path) -> None:
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     parent, stop = run_dir.parent, Path(results_dir).resolve()
-    while parent.resolve() != stop and parent.is_dir() and not any(parent.iterdir()) and stop in parent.resolve().parents:
+    while (parent.resolve() != stop and parent.is_dir() and not any(parent.iterdir())
+           and stop in parent.resolve().parents):
         try:
             parent.rmdir()
         except OSError:  # someone wrote into it meanwhile

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import read_csv, run_cli
+
 from dropbench.results import METRICS_COLUMNS, SUMMARY_COLUMNS
 
 SMOKE = ["experiment=smoke", "threads=1"]
@@ -25,7 +25,7 @@ def test_smoke_run_writes_tidy_csvs(smoke_run):
     run_dir, proc = smoke_run
     metrics = read_csv(run_dir / "metrics.csv")
     assert list(metrics[0]) == METRICS_COLUMNS
-    assert [(r["epoch"], r["split"]) for r in metrics] == [("1", "train"), ("1", "test"), ("2", "train"), ("2", "test")]
+    assert [(r["epoch"], r["split"]) for r in metrics] == [(e, s) for e in "12" for s in ("train", "val", "test")]
     for row in metrics:
         assert 0.0 <= float(row["accuracy"]) <= 1.0 and float(row["loss"]) > 0 and float(row["seconds"]) >= 0
     (summary,) = read_csv(run_dir / "summary.csv")
@@ -33,11 +33,18 @@ def test_smoke_run_writes_tidy_csvs(smoke_run):
     assert summary["status"] == "ok" and summary["dataset"] == "mnist1d" and summary["model"] == "mlp"
     assert summary["regularizer"] == "none" and summary["p"] == "" and summary["seed"] == "0"
     assert summary["epochs"] == "2" and summary["batch_size"] == "64" and summary["epochs_completed"] == "2"
-    last_train, last_test = metrics[-2], metrics[-1]
+    last_train, last_val, last_test = metrics[-3:]
     assert float(summary["train_acc"]) == float(last_train["accuracy"])
+    assert float(summary["val_acc"]) == float(last_val["accuracy"])
     assert float(summary["test_acc"]) == float(last_test["accuracy"])
     assert float(summary["gap"]) == pytest.approx(float(last_train["accuracy"]) - float(last_test["accuracy"]))
-    assert float(summary["best_test_acc"]) == max(float(r["accuracy"]) for r in metrics if r["split"] == "test")
+    # the epoch is selected on validation accuracy; the test accuracy is the one at that epoch
+    val = [r for r in metrics if r["split"] == "val"]
+    best = max(val, key=lambda r: float(r["accuracy"]))
+    assert summary["best_epoch"] == best["epoch"] and float(summary["best_val_acc"]) == float(best["accuracy"])
+    test_at_best = next(r for r in metrics if r["split"] == "test" and r["epoch"] == best["epoch"])
+    assert float(summary["test_acc_at_best"]) == float(test_at_best["accuracy"])
+    assert 0 <= float(summary["test_ece"]) <= 1 and float(summary["seconds_per_epoch"]) > 0
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert "Traceback" not in proc.stderr
 
@@ -77,7 +84,8 @@ def test_train_help_is_hydras():
 
 @pytest.mark.parametrize("override, message", [
     ("epochs=-1", "epochs=-1 is not allowed"),
-    ("dataset=nope", "unknown dataset 'nope'; choose from: cifar10, fashion_mnist, mnist, mnist1d"),
+    ("dataset=nope", "unknown dataset 'nope'; choose from: cifar10, csv, digits, fashion_mnist, imagefolder, mnist, "
+                     "mnist1d, npz, torchvision"),
     ("device=cuda", "device=cuda is not available"),
 ])
 def test_bad_values_give_one_line_and_write_nothing(tmp_path, override, message):
@@ -86,3 +94,29 @@ def test_bad_values_give_one_line_and_write_nothing(tmp_path, override, message)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
     assert not any((tmp_path / "results").rglob("*")) if (tmp_path / "results").exists() else True
+
+
+def test_no_arguments_prints_usage_and_fails():
+    proc = run_cli()
+    assert proc.returncode == 2 and "usage: dropbench" in proc.stderr
+
+
+def test_own_config_dir_adds_a_dataset_choice(tmp_path):
+    (tmp_path / "myconf" / "dataset").mkdir(parents=True)
+    (tmp_path / "myconf" / "dataset" / "tiny.yaml").write_text(
+        "defaults: [mnist1d, _self_]\nname: tiny\nnum_samples: 300\n")
+    proc = run_cli("train", "--config-dir", str(tmp_path / "myconf"), "dataset=tiny", *SMOKE, "progress=false",
+                   f"results_dir={tmp_path}/r", f"hydra.run.dir={tmp_path}/r/run")
+    assert proc.returncode == 0, proc.stderr
+    (summary,) = read_csv(tmp_path / "r" / "run" / "summary.csv")
+    assert summary["dataset"] == "tiny" and summary["cfg.dataset.num_samples"] == "300"
+
+
+def test_shell_completion_installs_and_completes(tmp_path):
+    install = run_cli("train", "--shell-completion", "install=bash")
+    assert install.returncode == 0 and "hydra_bash_completion dropbench" in install.stdout, install.stderr
+    env_line = "dropbench train regularizer=dro"
+    proc = subprocess.run([sys.executable, "-m", "dropbench.cli", "-sc", "query=bash"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "COMP_LINE": env_line, "COMP_POINT": str(len(env_line))})
+    assert proc.returncode == 0, proc.stderr
+    assert "regularizer=dropout" in proc.stdout.split() and "regularizer=dropconnect" in proc.stdout.split()

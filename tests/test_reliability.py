@@ -106,10 +106,10 @@ BAD_INPUT = {
     "p_out_of_range": (["regularizer=dropout", "regularizer.p=1.5"], ["regularizer.p=1.5", "[0, 1)"], None),
     "epochs_zero": (["epochs=0"], ["epochs=0", "positive"], None),
     "batch_size_negative": (["batch_size=-8"], ["batch_size=-8", "positive"], None),
-    "lr_zero": (["optimizer.lr=0"], ["optimizer.lr=0", "positive"], None),
-    "lr_negative": (["optimizer.lr=-0.1"], ["optimizer.lr=-0.1", "positive"], None),
+    "lr_zero": (["optimizer.lr=0"], ["optimizer.lr=0", "> 0"], None),
+    "lr_negative": (["optimizer.lr=-0.1"], ["optimizer.lr=-0.1", "> 0"], None),
     "unknown_dataset": (["dataset=imagenet"], ["'imagenet'", "mnist1d"], None),
-    "unknown_model": (["model=resnet"], ["'resnet'", "mlp"], None),
+    "unknown_model": (["model=resnet9"], ["'resnet9'", "mlp"], None),
     "unknown_regularizer": (["regularizer=dropblock"], ["'dropblock'", "dropout"], None),
     # logreg has no hidden layer for dropout to act on (smoke gives the MLP one, so clear it)
     "incompatible_combination": (["model=logreg", "model.hidden=[]", "regularizer=dropout"],
@@ -125,7 +125,7 @@ BAD_INPUT = {
     "results_dir_not_writable": (["results_dir={tmp}/locked/results"], ["locked"], _not_writable),
     "override_syntax": (["epochs=[1,"], ["[1,"], None),
     "unknown_key": (["regularizer.nonexistent=1"], ["regularizer.nonexistent"], None),
-    "bad_optimizer_argument": (["optimizer=sgd", "optimizer.momentum=-1"], ["optimizer sgd", "momentum"], None),
+    "bad_optimizer_argument": (["optimizer=sgd", "optimizer.momentum=-1"], ["optimizer.momentum=-1", "[0, 1)"], None),
     "resume_not_a_boolean": (["resume=maybe"], ["resume='maybe'", "true or false"], None),
     "sweep_with_bad_value": (["-m", "regularizer=dropout", "regularizer.p=1.5,0.5", "epochs=1"],
                              ["regularizer.p=1.5"], None),
@@ -294,7 +294,7 @@ def _check_incomplete_or_complete(run_dir: Path, epochs: int) -> int:
         float(row["loss"]), float(row["accuracy"])
     recorded = sorted({int(r["epoch"]) for r in rows})
     assert recorded == list(range(1, len(recorded) + 1))
-    assert [r["split"] for r in rows] == ["train", "test"] * len(recorded)
+    assert [r["split"] for r in rows] == ["train", "val", "test"] * len(recorded)
     if (run_dir / "checkpoint.json").exists():
         info = json.loads((run_dir / "checkpoint.json").read_text())
         assert info["run_keys"]
@@ -317,9 +317,9 @@ def test_killed_anytime_then_resumed_matches_an_uninterrupted_run(tmp_path):
         proc = start(train_cmd(*args, *extra, f"results_dir={results}", f"hydra.run.dir={results}/run{attempt}"),
                      tmp_path)
 
-        def checkpointed_further():
+        def checkpointed_further(done=last_epoch):
             rows = read_csv_rows(run_dir / "metrics.csv") if (run_dir / "checkpoint.pt").exists() else None
-            return rows is not None and len(rows) // 2 > last_epoch
+            return rows is not None and len(rows) // 3 > done  # train, val and test rows per epoch
 
         wait_for(checkpointed_further, proc, f"a new checkpoint (attempt {attempt})")
         time.sleep(rng.uniform(0.0, 0.05))  # anywhere in an epoch: training, metrics.csv, checkpoint
@@ -376,7 +376,7 @@ INJECT_FAILURE = """
 import sys
 import dropbench.replicas as replicas
 
-original = replicas.ReplicaRNG.permutations
+original = replicas.ReplicaGenerators.permutations
 calls = {}
 
 def permutations(self, n):
@@ -385,7 +385,7 @@ def permutations(self, n):
         raise RuntimeError("injected failure in epoch 3")
     return original(self, n)
 
-replicas.ReplicaRNG.permutations = permutations
+replicas.ReplicaGenerators.permutations = permutations
 from dropbench.cli import main
 main(sys.argv[1:])
 """
@@ -401,7 +401,7 @@ def test_exception_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
     failed_dir, failed = rows["1"]
     assert failed["status"] == "failed" and "injected failure in epoch 3" in failed["error"]
     assert failed["epochs_completed"] == "2"
-    assert len(read_csv_rows(failed_dir / "metrics.csv")) == 4
+    assert len(read_csv_rows(failed_dir / "metrics.csv")) == 2 * 3  # train, val, test per epoch
     assert (failed_dir / "checkpoint.pt").exists()  # a failed run can be resumed
     assert rows["0"][1]["status"] == "ok" and rows["0"][1]["epochs_completed"] == "4"
 
@@ -430,7 +430,7 @@ def test_sigterm_stops_a_sweep_cleanly_and_a_rerun_completes_it(tmp_path):
     stopped_dir, stopped = rows["1"]
     assert stopped["status"] == "interrupted"
     assert 1 <= int(stopped["epochs_completed"]) < 30
-    assert len(read_csv_rows(stopped_dir / "metrics.csv")) == 2 * int(stopped["epochs_completed"])
+    assert len(read_csv_rows(stopped_dir / "metrics.csv")) == 3 * int(stopped["epochs_completed"])
     assert (stopped_dir / "checkpoint.pt").exists() and (stopped_dir / "checkpoint.json").exists()
 
     # the same sweep again, into another sweep directory: seed 0 is copied, not trained; 1 and 2 run
@@ -491,14 +491,14 @@ def test_joblib_jobs_share_a_sweep_dir_safely_while_readers_read(tmp_path):
     expected_threads = max(1, (os.cpu_count() or 1) // 2)
     for run_dir, row in rows.items():
         assert row["status"] == "ok" and row["threads"] == str(expected_threads)
-        assert len(read_csv_rows(run_dir / "metrics.csv")) == 6
+        assert len(read_csv_rows(run_dir / "metrics.csv")) == 9
     assert not list(sweep_dir.rglob("*.tmp"))
 
 
 # -- in-process checks ------------------------------------------------------------------------------
 
 def test_threads_per_job():
-    from dropbench.train import threads_for_job
+    from dropbench.runs import threads_for_job
 
     cores = os.cpu_count() or 1
     assert threads_for_job("auto", 1) == cores
@@ -521,7 +521,7 @@ def test_parallel_jobs_from_the_launcher_config():
 def test_finished_jobs_are_skipped_unless_forced(tmp_path):
     from hydra import compose, initialize_config_module
 
-    from dropbench.train import train_job
+    from dropbench.runs import train_job
 
     with initialize_config_module("dropbench.conf", version_base="1.3"):
         def cfg(*extra):
