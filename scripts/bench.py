@@ -1,26 +1,29 @@
 #!/usr/bin/env python
-"""dropbench speed benchmark, in one process: prints a table and writes results/bench/*.csv.
+"""dropbench speed benchmark, in one run: prints a table and writes results/bench/*.csv.
 
-    python scripts/bench.py            # full run: about 2 minutes on a quiet 2-core CPU
-    python scripts/bench.py --quick    # smoke test with small sizes, under 30 s
-    python scripts/bench.py --out DIR  # write the CSV files to DIR instead of results/bench
+    python scripts/bench.py                  # full run (a few minutes on a quiet 2-core CPU)
+    python scripts/bench.py --quick          # smoke test with small sizes
+    python scripts/bench.py --out DIR        # write the CSV files to DIR instead of results/bench
     python scripts/bench.py --sections epoch,seeds --threads 1   # a subset; torch threads
 
-Sections (see docs/speed_section.md for what each figure means):
+Sections (docs/speed.md says what each figure means). Everything but `gpu` runs on the CPU.
   epoch     one training epoch of the d2l dropout setup (conf/experiment/d2l_dropout.yaml: MLP
             784-256-256-10, dropout 0.2/0.5, SGD lr 0.5, batch 256) on FashionMNIST-shaped data,
             dropbench (train.build_run + train.train_epoch) vs the textbook loop (torchvision
             dataset + ToTensor + DataLoader + nn.Sequential), epochs interleaved; and, as section
             "efficiency", the epoch's matmul FLOP/s as a fraction of peak fp32 torch.mm FLOP/s
-  seeds     MNIST-1D default config through train.train_job: parallel_seeds=8 vs one single run
-            vs 8 sequential single runs, and replica k's metrics vs the single run with seed k
-            (default config, then with dropout)
+  seeds     MNIST-1D default config through runs.train_job: parallel_seeds=8 vs one single run vs
+            8 sequential single runs, and how far replica k's final losses are from the single
+            run with seed k (default config, then with dropout)
+  plain     three seeds of the MNIST-1D MLP recipe (6,000 steps of batch 100, Adam lr 1e-2,
+            evaluation every epoch) as `dropbench train parallel_seeds=3` vs one seed of a plain
+            PyTorch loop, both whole processes, run interleaved
   startup   wall time of `dropbench --help/list/report` and `python -c "import torch"`, and
             whether the dropbench commands import torch
-  ablation  (not in --quick unless named) two design choices against their alternative, timed
-            interleaved: the K=8 MNIST-1D training step with per-replica matmuls (exact replicas)
-            vs one batched torch.baddbmm, and the d2l step's dropout masks drawn from 16 random
-            bits per unit (ReplicaRNG.keep_mask) vs torch.rand(...) < keep (what the textbook pays)
+  replicas  the K=8 MNIST-1D training step through Replicas (vmap over stacked parameters) vs
+            8 separate copies of the model stepped one after another, interleaved
+  gpu       (with a CUDA GPU only) the MNIST-1D recipe run, the d2l epoch, parallel_seeds=64
+            model-steps/s against a hand-written CUDA-graph loop, and peak GPU memory
 The real FashionMNIST files are used (full run only) when they are under $DROPBENCH_DATA (default
 ~/.cache/dropbench/data); otherwise random uint8 images are written once, in the real gzip'd IDX
 format, under $DROPBENCH_CACHE/bench (default ~/.cache/dropbench/bench) and read through
@@ -40,25 +43,34 @@ import sys
 import tempfile
 import time
 import timeit
-import types
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from dropbench import train  # noqa: E402
+from dropbench import runs, train  # noqa: E402
+from dropbench.config import build  # noqa: E402
 from dropbench.data import write_idx  # noqa: E402
-from dropbench.replicas import ReplicaLinear, ReplicaRNG  # noqa: E402
 from dropbench.results import read_csv_rows, write_csv  # noqa: E402
 
-K = 8  # seeds trained at once in the seeds and ablation sections
+K = 8  # seeds trained at once in the seeds and replicas sections
+PLAIN_SEEDS = 3  # the plain section: this many seeds in dropbench against one seed of the plain loop
+GPU_SEEDS = 64
+# The MNIST-1D MLP recipe (Greydanus & Kobak 2020): batch 100, Adam lr 1e-2, all 4,000 training
+# examples (40 steps per epoch); on top of the default config (MLP 40-100-100-10).
+RECIPE = ["dataset.val_fraction=0", "batch_size=100", "optimizer.lr=0.01"]
+RECIPE_STEPS = 40  # per epoch: 4,000 / 100
+RECIPE_EPOCHS = 150  # 6,000 steps
+D2L = ["experiment=d2l_dropout", "dataset.val_fraction=0", "dataset.download=false"]  # all 60,000 images, as d2l
 SUMMARY_COLUMNS = ["section", "metric", "value", "unit", "target", "met", "note"]
+CPU = torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +117,8 @@ class LoadMeter:
 
 
 LOAD = LoadMeter()
+BUSY = 0.2  # cores of other work while timing above which timings are flagged as unreliable
+BUSY_LOADAVG = 0.5  # the same for the 1-minute load average before the start (it counts waiting processes too)
 
 
 def med(values) -> float:
@@ -124,11 +138,28 @@ def interleave(fns: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-def compose_config(overrides: list[str]):
+def synced(fn, device: torch.device):
+    """`fn` followed by a wait for the device, so that a timer around it sees the work done."""
+    def call():
+        fn()
+        train.synchronize(device)
+    return call
+
+
+def compose_config(overrides: list[str], device: str = "cpu"):
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="dropbench.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=["device=cpu", "progress=false", *overrides])
+        return compose(config_name="config", overrides=[f"device={device}", "progress=false", *overrides])
+
+
+def dropbench_command() -> list[str]:
+    exe = Path(sys.executable).with_name("dropbench")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "dropbench.cli"]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,18 +211,22 @@ def synthetic_fashion_root(n_train: int, n_test: int) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# the two sides of the epoch comparison
+# epoch: dropbench's training path vs the textbook loop
 # ----------------------------------------------------------------------------------------------
 class DropbenchSetup:
     """The run dropbench.train builds for `cfg` (train.build_run), trained by train.train_epoch."""
 
-    def __init__(self, cfg):
-        seeds = [cfg.seed + k for k in range(cfg.parallel_seeds)]
-        self.data, self.model, self.regs, self.optimizer, _, self.rng = train.build_run(cfg, torch.device("cpu"), seeds)
-        self.batch_size = cfg.batch_size
+    def __init__(self, cfg, device: torch.device = CPU):
+        self.run = train.build_run(cfg, device, [cfg.seed + k for k in range(cfg.parallel_seeds)])
+        self.batch_size, self.device = cfg.batch_size, device
 
-    def epoch(self) -> torch.Tensor:
-        return train.train_epoch(self.data, self.model, self.regs, self.optimizer, self.rng, self.batch_size)
+    def epoch(self) -> None:
+        train.train_epoch(self.run, self.batch_size)
+        train.synchronize(self.device)
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.run.data.size("train") / self.batch_size)
 
 
 class TextbookSetup:
@@ -223,7 +258,7 @@ class TextbookSetup:
         metric = [0.0, 0.0, 0]  # d2l.Accumulator(3): loss sum, correct, count
         for X, y in self.train_iter:
             y_hat = self.net(X)
-            l = self.loss(y_hat, y)
+            l = self.loss(y_hat, y)  # noqa: E741 (d2l's name)
             self.trainer.zero_grad()
             l.mean().backward()
             self.trainer.step()
@@ -233,9 +268,6 @@ class TextbookSetup:
         return metric[0] / metric[2], metric[1] / metric[2]
 
 
-# ----------------------------------------------------------------------------------------------
-# hardware efficiency
-# ----------------------------------------------------------------------------------------------
 def train_flops_per_sample(widths: list[int]) -> int:
     """Matmul FLOPs of one training example through Linear layers widths[0] -> ... -> widths[-1]:
     forward 2*in*out, backward 2*in*out for the weight gradient and 2*in*out for the input
@@ -249,8 +281,8 @@ def peak_mm_flops(n: int, repeats: int) -> float:
 
 
 def matmul_only_epoch(n: int, widths: list[int], batch: int, repeats: int) -> float:
-    """Seconds for just the matmuls of one dropbench epoch (the same mm/addmm calls and shapes as
-    replicas.ReplicaLinear with R = 1), best of `repeats`: the floor the epoch time could reach."""
+    """Seconds for just the matmuls of one dropbench epoch (the addmm/mm calls and shapes of nn.Linear's
+    forward and backward, as a single run makes them), best of `repeats`: the floor the epoch could reach."""
     layers = [(torch.randn(b, a), torch.randn(b)) for a, b in zip(widths[:-1], widths[1:])]
     x = torch.randn(batch, widths[0])
 
@@ -268,20 +300,18 @@ def matmul_only_epoch(n: int, widths: list[int], batch: int, repeats: int) -> fl
     return min(timeit.repeat(one_epoch, number=1, repeat=repeats))
 
 
-# ----------------------------------------------------------------------------------------------
-# sections: each returns its CSV rows and appends its figures to `summary`
-# ----------------------------------------------------------------------------------------------
+# Each section returns its CSV rows and appends its figures to `summary`.
 def bench_epochs(args, summary: list, console) -> list[dict]:
     root, data_note = fashion_root(args.quick)
     threads = torch.get_num_threads()
     console.print(f"[bold]epoch[/]: d2l setup on {data_note}, {threads} threads")
-    cfg = compose_config(["experiment=d2l_dropout", f"dataset.root={root}", "dataset.download=false"])
+    cfg = compose_config([*D2L, f"dataset.root={root}"])
     sides = {"dropbench": DropbenchSetup(cfg), "textbook": TextbookSetup(root, cfg)}
     for side in sides.values():
         side.epoch()  # warm-up: allocator, MKL, DataLoader
     times = interleave({name: side.epoch for name, side in sides.items()}, args.repeats)
-    n = len(sides["dropbench"].data.x_train)
-    rows = [{"side": side, "round": r, "seconds": round(t, 6), "threads": threads, "images": n}
+    n = sides["dropbench"].run.data.size("train")
+    rows = [{"side": side, "round": r, "seconds": round(t, 6), "threads": threads, "images": n, "device": args.cpu}
             for side, ts in times.items() for r, t in enumerate(ts)]
     t_db, t_tb = times["dropbench"], times["textbook"]
     ratio = med(t_tb) / med(t_db)
@@ -314,30 +344,35 @@ def bench_epochs(args, summary: list, console) -> list[dict]:
     return rows
 
 
-def run_job(tmp: Path, name: str, overrides: list[str]) -> tuple[float, Path]:
-    """Wall seconds and run directory of train.train_job on the config with `overrides`."""
-    cfg = compose_config([f"results_dir={tmp / name / 'results'}", *overrides])
+# ----------------------------------------------------------------------------------------------
+# seeds: parallel_seeds=8 vs single runs, through the job a user runs
+# ----------------------------------------------------------------------------------------------
+def run_job(tmp: Path, name: str, overrides: list[str], device: str = "cpu") -> tuple[float, Path]:
+    """Wall seconds and run directory of runs.train_job on the config with `overrides`."""
+    cfg = compose_config([f"results_dir={tmp / name / 'results'}", *overrides], device)
     with LOAD.measure():
         t = time.perf_counter()
-        result = train.train_job(cfg, tmp / name / "run", False)
+        result = runs.train_job(cfg, tmp / name / "run", False)
         wall = time.perf_counter() - t
     if result.status != "ok":
         raise RuntimeError(f"bench run {name} ended {result.status!r} (see {result.run_dir})")
     return wall, result.run_dir
 
 
-def replica_diff(parallel_dir: Path, seed: int, single_dir: Path) -> float:
-    """Largest |difference| between replica `seed`'s loss/accuracy/entropy and its single run's."""
-    def metrics(path):
-        return {(r["epoch"], r["split"]): [float(r[k]) for k in ("loss", "accuracy", "entropy")]
-                for r in read_csv_rows(path) or []}
-
-    a, b = metrics(parallel_dir / f"seed_{seed}" / "metrics.csv"), metrics(single_dir / "metrics.csv")
-    return max(abs(x - y) for key in a for x, y in zip(a[key], b[key])) if a and a.keys() == b.keys() else math.inf
+def final_losses(metrics_csv: Path) -> dict[str, float]:
+    rows = read_csv_rows(metrics_csv) or []
+    last = max((int(r["epoch"]) for r in rows), default=None)
+    return {r["split"]: float(r["loss"]) for r in rows if int(r["epoch"]) == last}
 
 
-def train_seconds(path: Path) -> float:
-    return sum(float(r["seconds"]) for r in read_csv_rows(path) or [] if r["split"] == "train")
+def loss_diff(parallel_dir: Path, seed: int, single_dir: Path) -> float:
+    """Largest |difference| between replica `seed`'s last-epoch losses (every split) and its single run's."""
+    a, b = final_losses(parallel_dir / f"seed_{seed}" / "metrics.csv"), final_losses(single_dir / "metrics.csv")
+    return max(abs(a[s] - b[s]) for s in a) if a and a.keys() == b.keys() else math.inf
+
+
+def summary_seconds(run_dir: Path, key: str) -> float:
+    return float((read_csv_rows(run_dir / "summary.csv") or [{key: "nan"}])[0][key])
 
 
 def bench_seeds(args, summary: list, console) -> list[dict]:
@@ -348,11 +383,12 @@ def bench_seeds(args, summary: list, console) -> list[dict]:
         tmp = Path(tmpdir)
 
         def job(kind: str, r: int, seed: int, seeds: int) -> Path:
-            wall, out = run_job(tmp, f"{kind}_{r}", [threads, f"epochs={epochs}", f"seed={seed}", f"parallel_seeds={seeds}"])
+            wall, out = run_job(tmp, f"{kind}_{r}", [threads, f"epochs={epochs}", f"seed={seed}",
+                                                     f"parallel_seeds={seeds}"])
             walls[kind].append(wall)
-            metrics = out / ("metrics.csv" if seeds == 1 else "seed_0/metrics.csv")
             rows.append({"kind": kind, "seeds": seeds, "round": r, "wall_seconds": round(wall, 4),
-                         "train_seconds": round(train_seconds(metrics), 4)})
+                         "train_seconds": summary_seconds(out if seeds == 1 else out / "seed_0", "train_seconds"),
+                         "device": args.cpu})
             return out
 
         run_job(tmp, "warmup", [threads, "epochs=1", "seed=100"])  # data cache, imports, allocator
@@ -363,13 +399,13 @@ def bench_seeds(args, summary: list, console) -> list[dict]:
                     par_dir = out
         # single runs of every seed, one after another (all K in a full run; seeds 0 and K-1 with --quick)
         check_seeds = [0, K - 1] if args.quick else list(range(K))
-        diffs = [replica_diff(par_dir, s, job("sequential", s, s, 1)) for s in check_seeds]
-        # the same check with dropout, so that the per-replica masks are compared too
-        Kd = 2 if args.quick else 3
+        diffs = [loss_diff(par_dir, s, job("sequential", s, s, 1)) for s in check_seeds]
+        # the same check with dropout: every replica draws its single run's masks
+        kd = 2 if args.quick else 3
         drop = [threads, f"epochs={1 if args.quick else 2}", "regularizer=dropout", "regularizer.p=0.5",
                 "regularizer.input_p=0.1"]
-        _, dpar = run_job(tmp, "dropout_parallel", [*drop, "seed=0", f"parallel_seeds={Kd}"])
-        ddiffs = [replica_diff(dpar, s, run_job(tmp, f"dropout_seed{s}", [*drop, f"seed={s}"])[1]) for s in range(Kd)]
+        _, dpar = run_job(tmp, "dropout_parallel", [*drop, "seed=0", f"parallel_seeds={kd}"])
+        ddiffs = [loss_diff(dpar, s, run_job(tmp, f"dropout_seed{s}", [*drop, f"seed={s}"])[1]) for s in range(kd)]
     single, par, seq = med(walls["single"]), med(walls["parallel"]), walls["sequential"]
     seq_total = sum(seq) if len(seq) == K else K * single
     summary += [
@@ -381,14 +417,103 @@ def bench_seeds(args, summary: list, console) -> list[dict]:
         {"section": "seeds", "metric": f"sequential_{K}_s", "value": seq_total, "unit": "s",
          "note": "measured" if len(seq) == K else f"{K} x single run (--quick runs only seeds {check_seeds})"},
         {"section": "seeds", "metric": f"speedup_parallel_over_sequential_{K}", "value": seq_total / par, "unit": "x"},
-        {"section": "seeds", "metric": "replica_vs_single_max_abs_diff", "value": max(diffs), "unit": "",
-         "target": "0", "met": max(diffs) == 0, "note": f"loss/accuracy/entropy, every epoch and split, seeds {check_seeds}"},
-        {"section": "seeds", "metric": "replica_vs_single_max_abs_diff_dropout", "value": max(ddiffs), "unit": "",
-         "target": "0", "met": max(ddiffs) == 0, "note": f"regularizer=dropout p=0.5 input_p=0.1, parallel_seeds={Kd}"},
+        {"section": "seeds", "metric": "replica_vs_single_max_abs_loss_diff", "value": max(diffs), "unit": "",
+         "note": f"last epoch's loss, every split, seeds {check_seeds}; rounding of the batched products"},
+        {"section": "seeds", "metric": "replica_vs_single_max_abs_loss_diff_dropout", "value": max(ddiffs),
+         "unit": "", "note": f"regularizer=dropout p=0.5 input_p=0.1, parallel_seeds={kd}"},
     ]
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# plain: `dropbench train parallel_seeds=3` vs one seed of a plain PyTorch loop, whole processes
+# ----------------------------------------------------------------------------------------------
+PLAIN_LOOP = '''\
+"""One seed of the MNIST-1D MLP recipe, the plain PyTorch way. Arguments: NPZ THREADS EPOCHS SEED."""
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+path, threads, epochs, seed = sys.argv[1], *map(int, sys.argv[2:5])
+torch.set_num_threads(threads)
+torch.manual_seed(seed)
+with np.load(path) as d:
+    x, y, x_test, y_test = (torch.from_numpy(d[k]) for k in ("x", "y", "x_test", "y_test"))
+model = nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+batch_size = 100
+for epoch in range(epochs):
+    model.train()
+    perm = torch.randperm(len(x))
+    xs, ys = x[perm], y[perm]
+    for start in range(0, len(x), batch_size):
+        loss = nn.functional.cross_entropy(model(xs[start:start + batch_size]), ys[start:start + batch_size])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        log = {}
+        for split, (xe, ye) in {"train": (x, y), "test": (x_test, y_test)}.items():
+            logits = model(xe)
+            log[split] = (nn.functional.cross_entropy(logits, ye).item(),
+                          (logits.argmax(1) == ye).float().mean().item())
+print(f"epoch {epochs} train acc {log['train'][1]:.4f} test acc {log['test'][1]:.4f}")
+'''
+
+
+def bench_plain(args, summary: list, console) -> list[dict]:
+    epochs, threads = (3 if args.quick else RECIPE_EPOCHS), torch.get_num_threads()
+    console.print(f"[bold]plain[/]: MNIST-1D recipe, {epochs} epochs: dropbench {PLAIN_SEEDS} seeds vs a plain "
+                  f"loop, 1 seed, whole processes, {threads} threads")
+    cfg = compose_config(RECIPE)
+    data = build(cfg.dataset, "dataset", device=CPU)  # also fills the MNIST-1D cache
+    env = subprocess_env()
+    with tempfile.TemporaryDirectory(prefix="dropbench-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        np.savez(tmp / "mnist1d.npz", x=data.x_train.flatten(1).numpy(), y=data.y_train.numpy(),
+                 x_test=data.x_test.flatten(1).numpy(), y_test=data.y_test.numpy())
+        (tmp / "plain_loop.py").write_text(PLAIN_LOOP)
+        started = []
+
+        def run(name: str, command: list[str]) -> None:
+            started.append(name)
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp)
+            if proc.returncode:
+                raise RuntimeError(f"{name} failed: {proc.stderr.strip()[-500:]}")
+
+        def dropbench() -> None:  # every run in a fresh directory
+            run("dropbench", [*dropbench_command(), "train", *RECIPE, f"epochs={epochs}",
+                              f"parallel_seeds={PLAIN_SEEDS}", "device=cpu", f"threads={threads}", "progress=false",
+                              f"results_dir={tmp / 'results'}", f"hydra.run.dir={tmp / 'runs' / str(len(started))}"])
+        plain = partial(run, "plain", [sys.executable, str(tmp / "plain_loop.py"), str(tmp / "mnist1d.npz"),
+                                       str(threads), str(epochs), "0"])
+        dropbench()  # warm-up: the page cache holds torch, Hydra and dropbench
+        plain()
+        sides = {f"dropbench {PLAIN_SEEDS} seeds": dropbench, "plain loop 1 seed": plain}
+        times = interleave(sides, args.plain_rounds)
+    rows = [{"side": side, "round": r, "wall_seconds": round(t, 4), "epochs": epochs, "threads": threads,
+             "device": args.cpu} for side, ts in times.items() for r, t in enumerate(ts)]
+    t_db, t_plain = times[f"dropbench {PLAIN_SEEDS} seeds"], times["plain loop 1 seed"]
+    ratio = med(t_db) / med(t_plain)
+    steps = epochs * RECIPE_STEPS
+    summary += [
+        {"section": "plain", "metric": f"dropbench_{PLAIN_SEEDS}_seeds_s_median", "value": med(t_db), "unit": "s",
+         "note": f"`dropbench train` process, {steps} steps, train+test evaluated every epoch, files written"},
+        {"section": "plain", "metric": "plain_loop_1_seed_s_median", "value": med(t_plain), "unit": "s",
+         "note": "python process: nn.Sequential, torch.optim.Adam, slices of shuffled tensors, same evaluation"},
+        {"section": "plain", "metric": f"dropbench_{PLAIN_SEEDS}_seeds_over_plain_1_seed", "value": ratio,
+         "unit": "x", "target": "< 1", "met": ratio < 1,
+         "note": f"ratio of medians of {args.plain_rounds} interleaved rounds"},
+    ]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# startup: the light commands stay light
+# ----------------------------------------------------------------------------------------------
 _PROBE = """
 import sys
 marker, args = sys.argv[1], sys.argv[2:]
@@ -416,15 +541,13 @@ def imports_torch(cli_args: list[str], tmp: Path, env: dict) -> bool | None:
 
 def bench_startup(args, summary: list, console) -> list[dict]:
     console.print("[bold]startup[/]: subprocess wall times")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    exe = Path(sys.executable).with_name("dropbench")
-    dropbench = [str(exe)] if exe.is_file() else [sys.executable, "-m", "dropbench.cli"]
+    env = subprocess_env()
     with tempfile.TemporaryDirectory(prefix="dropbench-bench-") as tmpdir:
         tmp = Path(tmpdir)
         (tmp / "empty").mkdir()
         cli = {"dropbench --help": ["--help"], "dropbench list": ["list"],
                "dropbench report <empty dir>": ["report", str(tmp / "empty"), "--out", str(tmp / "report")]}
-        commands = {**{name: dropbench + a for name, a in cli.items()},
+        commands = {**{name: dropbench_command() + a for name, a in cli.items()},
                     'python -c "import torch"': [sys.executable, "-c", "import torch"]}
         procs = {}
 
@@ -437,7 +560,8 @@ def bench_startup(args, summary: list, console) -> list[dict]:
     for name in commands:
         code, imported = procs[name].returncode, torch_in.get(name)
         rows += [{"command": name, "round": r, "seconds": round(t, 4), "exit_code": code,
-                  "imports_torch": "" if imported is None else imported} for r, t in enumerate(times[name])]
+                  "imports_torch": "" if imported is None else imported, "device": args.cpu}
+                 for r, t in enumerate(times[name])]
         note = f"exit {code}" + (f": {(procs[name].stderr.strip().splitlines() or [''])[-1][:50]}" if code else "")
         if name in cli:
             note += "; imports torch: " + {None: "?", True: "yes", False: "no"}[imported]
@@ -447,69 +571,227 @@ def bench_startup(args, summary: list, console) -> list[dict]:
     return rows
 
 
-def baddbmm_forward(self, x):
-    """ReplicaLinear.forward as one batched matmul over the replicas: replica k is then not bit
-    for bit its single run (see replicas._PerReplicaLinear)."""
-    return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
-
-
-def bench_ablation(args, summary: list, console) -> list[dict]:
-    console.print("[bold]ablation[/]: design choices vs their alternatives, interleaved")
-    # exact replicas: K=8 MNIST-1D epochs, per-replica mm/addmm (replica_linear) vs one baddbmm per layer
+# ----------------------------------------------------------------------------------------------
+# replicas: vmap over stacked parameters vs separate copies
+# ----------------------------------------------------------------------------------------------
+def bench_replicas(args, summary: list, console) -> list[dict]:
+    console.print(f"[bold]replicas[/]: K={K} MNIST-1D training steps, Replicas (vmap) vs {K} separate models")
     cfg = compose_config([f"parallel_seeds={K}"])
-    exact, batched = DropbenchSetup(cfg), DropbenchSetup(cfg)
-    for m in batched.model.modules():
-        if isinstance(m, ReplicaLinear):
-            m.forward = types.MethodType(baddbmm_forward, m)
-    for setup in (exact, batched):
-        setup.epoch()  # warm-up
-    steps = math.ceil(len(exact.data.x_train) / cfg.batch_size)
-    linear = interleave({"per-replica mm (exact)": exact.epoch, "batched baddbmm": batched.epoch}, args.ablation_rounds)
+    stacked = DropbenchSetup(cfg)
+    separate = [DropbenchSetup(compose_config([f"seed={s}"])) for s in range(K)]
 
-    # dropout masks of one d2l step: 16 random bits per unit (keep_mask) vs one float per unit
-    d2l = compose_config(["experiment=d2l_dropout"])
-    masks = [((d2l.batch_size, h), 1.0 - p) for h, p in zip(d2l.model.hidden, d2l.regularizer.p)]  # (shape, keep)
-    rng, gen, mask_steps = ReplicaRNG([0], torch.device("cpu")), torch.Generator().manual_seed(0), 50
+    def separate_epoch():
+        for setup in separate:  # each copy has its own Adam, as K single runs would
+            setup.epoch()
 
-    def bits_masks():
-        for _ in range(mask_steps):
-            for shape, keep in masks:
-                rng.keep_mask(shape, keep, 1.0 / keep)
-
-    def rand_masks():
-        for _ in range(mask_steps):
-            for shape, keep in masks:
-                (torch.rand(1, *shape, generator=gen) < keep).float().mul_(1.0 / keep)
-
-    for fn in (bits_masks, rand_masks):
-        fn()  # warm-up
-    draw = interleave({"16-bit keep_mask": bits_masks, "torch.rand < keep": rand_masks}, args.ablation_rounds)
-
-    rows, what = [], ", ".join(f"{a}x{b} at keep {keep:g}" for (a, b), keep in masks)
-    for case, times, per in ((f"MNIST-1D R={K} training step", linear, steps), ("d2l step's dropout masks", draw, mask_steps)):
-        for variant, ts in times.items():
-            rows.append({"case": case, "variant": variant, "ms_per_step_median": round(med(ts) / per * 1e3, 4),
-                         "ms_per_step_min": round(min(ts) / per * 1e3, 4)})
-    exact_ms, batched_ms = (med(ts) / steps * 1e3 for ts in linear.values())
-    bits_ms, rand_ms = (med(ts) / mask_steps * 1e3 for ts in draw.values())
+    stacked.epoch()  # warm-up
+    separate_epoch()
+    steps = stacked.steps
+    times = interleave({f"Replicas, vmap over {K} stacked models": stacked.epoch,
+                        f"{K} separate models in turn": separate_epoch}, args.replica_rounds)
+    rows = [{"variant": variant, "round": r, "ms_per_step": round(t / steps * 1e3, 4), "steps": steps,
+             "device": args.cpu} for variant, ts in times.items() for r, t in enumerate(ts)]
+    vmap_ms, separate_ms = (med(ts) / steps * 1e3 for ts in times.values())
     summary += [
-        {"section": "ablation", "metric": f"mnist1d_k{K}_step_exact_over_baddbmm", "value": exact_ms / batched_ms,
-         "unit": "x", "note": f"the cost of exact replicas: {exact_ms:.2f} vs {batched_ms:.2f} ms per step"},
-        {"section": "ablation", "metric": "d2l_masks_16bit_over_rand", "value": bits_ms / rand_ms, "unit": "x",
-         "note": f"{what}: {bits_ms:.3f} vs {rand_ms:.3f} ms per step"},
+        {"section": "replicas", "metric": f"vmap_k{K}_step_ms", "value": vmap_ms, "unit": "ms",
+         "note": f"train.train_epoch on parallel_seeds={K}, per step of all {K} (batch {cfg.batch_size}, Adam)"},
+        {"section": "replicas", "metric": f"separate_k{K}_step_ms", "value": separate_ms, "unit": "ms",
+         "note": f"{K} single runs (R = 1: the module itself), one step of each"},
+        {"section": "replicas", "metric": f"speedup_vmap_over_separate_k{K}", "value": separate_ms / vmap_ms,
+         "unit": "x", "note": f"ratio of medians of {args.replica_rounds} interleaved rounds"},
+    ]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu: dropbench on a CUDA GPU, and the ceiling of a hand-written batched loop
+# ----------------------------------------------------------------------------------------------
+class GraphedMLPs:
+    """K MLPs trained as one, written by hand: weights stacked [K, in, out], each layer one
+    torch.baddbmm, Adam (Kingma & Ba 2015, as torch.optim.Adam computes it) in foreach ops, and on
+    a GPU the whole step (batch gather, forward, backward, update) captured once in a CUDA graph and
+    replayed, so no Python and no kernel launch cost per op remains: what a batched loop can reach.
+
+    Args:
+        x, y: training inputs [N, ...] and labels [N], on the device.
+        count: K, the number of models.
+        widths: layer widths, input first ([40, 100, 100, 10]).
+        batch_size: examples per step and model; an epoch is N // batch_size steps.
+        lr: Adam's learning rate (betas 0.9, 0.999, eps 1e-8).
+        capture: record the step in a CUDA graph (needs x on a GPU); False runs it eagerly.
+    """
+
+    def __init__(self, x, y, count: int, widths: list[int], batch_size: int, lr: float, capture: bool = True):
+        device = x.device
+        self.x, self.y, self.count, self.batch_size, self.lr = x.flatten(1), y, count, batch_size, lr
+        self.params = []
+        for a, b in zip(widths[:-1], widths[1:]):  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
+            bound = 1 / math.sqrt(a)
+            self.params += [torch.empty(count, a, b, device=device).uniform_(-bound, bound).requires_grad_(),
+                            torch.empty(count, 1, b, device=device).uniform_(-bound, bound).requires_grad_()]
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = torch.zeros((), device=device)  # the step count as a tensor: a graph replay reads it
+        self.idx = torch.zeros(count, batch_size, dtype=torch.long, device=device)  # the graph's input
+        self.graph = None
+        if capture:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+                for _ in range(3):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [K, B, C] of inputs [K, B, in]."""
+        h = x
+        for i in range(0, len(self.params), 2):
+            h = torch.baddbmm(self.params[i + 1], h, self.params[i])
+            if i + 2 < len(self.params):
+                h = F.relu(h)
+        return h
+
+    def _step(self) -> None:
+        logits = self.forward(self.x[self.idx])
+        # the sum over models of each model's mean loss: model k's gradient is that of its own loss
+        loss = F.cross_entropy(logits.flatten(0, 1), self.y[self.idx].flatten(), reduction="sum") / self.batch_size
+        grads = torch.autograd.grad(loss, self.params)
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        self.t += 1
+        torch._foreach_lerp_(self.m, grads, 1 - beta1)
+        torch._foreach_mul_(self.v, beta2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_div_(denom, (1 - beta2 ** self.t).sqrt())
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(self.m, denom)
+        torch._foreach_mul_(update, -self.lr / (1 - beta1 ** self.t))
+        with torch.no_grad():
+            torch._foreach_add_(self.params, update)
+
+    def step(self, idx: torch.Tensor) -> None:
+        """One Adam step of every model on its batch: idx [K, B], row k model k's examples."""
+        self.idx.copy_(idx)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+    def epoch(self) -> None:
+        order = torch.argsort(torch.rand(self.count, len(self.y), device=self.y.device), dim=1)
+        for start in range(0, len(self.y) - self.batch_size + 1, self.batch_size):
+            self.step(order[:, start:start + self.batch_size])
+
+
+def bench_gpu(args, summary: list, console) -> list[dict]:
+    if not torch.cuda.is_available():
+        console.print("[bold]gpu[/]: skipped (PyTorch sees no CUDA GPU)")
+        summary.append({"section": "gpu", "metric": "skipped", "value": "", "note": "PyTorch sees no CUDA GPU"})
+        return []
+    device = torch.device("cuda")
+    name, rows = torch.cuda.get_device_name(device), []
+    epochs, threads = (5 if args.quick else RECIPE_EPOCHS), f"threads={torch.get_num_threads()}"
+    console.print(f"[bold]gpu[/]: {name}")
+    torch.cuda.reset_peak_memory_stats(device)
+
+    # one seed of the MNIST-1D recipe, evaluated every epoch, as `dropbench train device=cuda` runs it
+    with tempfile.TemporaryDirectory(prefix="dropbench-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        run_job(tmp, "warmup", [*RECIPE, threads, "epochs=1"], "cuda")  # CUDA context, cuBLAS, kernels
+        recipe = []
+        for r in range(args.gpu_rounds):
+            wall, out = run_job(tmp, f"recipe_{r}", [*RECIPE, threads, f"epochs={epochs}"], "cuda")
+            recipe.append((summary_seconds(out, "train_seconds"), wall))
+            rows.append({"case": "mnist1d recipe, 1 seed", "round": r, "seconds": round(recipe[-1][0], 4),
+                         "model_steps_per_s": round(epochs * RECIPE_STEPS / recipe[-1][0], 1), "device": name})
+    train_s = med([t for t, _ in recipe])
+
+    # the d2l epoch
+    root, data_note = fashion_root(args.quick)
+    d2l = DropbenchSetup(compose_config([*D2L, f"dataset.root={root}"], "cuda"), device)
+    d2l.epoch()  # warm-up
+    d2l_times = interleave({"d2l": d2l.epoch}, args.gpu_rounds * 3)["d2l"]
+    rows += [{"case": "d2l epoch", "round": r, "seconds": round(t, 5), "device": name} for r, t in enumerate(d2l_times)]
+    del d2l
+
+    # parallel_seeds=64 against the hand-written ceiling, interleaved
+    cfg = compose_config([*RECIPE, f"parallel_seeds={GPU_SEEDS}"], "cuda")
+    many = DropbenchSetup(cfg, device)
+    widths = [math.prod(many.run.data.in_shape), *cfg.model.hidden, many.run.data.num_classes]
+    ceiling = GraphedMLPs(many.run.data.x_train, many.run.data.y_train, GPU_SEEDS, widths, cfg.batch_size,
+                          cfg.optimizer.lr)
+    steps = many.steps
+    sides = {"dropbench": many.epoch, "ceiling": synced(ceiling.epoch, device)}
+    for side in sides.values():
+        side()  # warm-up
+    times = interleave(sides, args.gpu_rounds * 3)
+    rows += [{"case": f"{GPU_SEEDS} models, {side}", "round": r, "seconds": round(t, 5),
+              "model_steps_per_s": round(GPU_SEEDS * steps / t, 1), "device": name}
+             for side, ts in times.items() for r, t in enumerate(ts)]
+    db_rate, ceiling_rate = (GPU_SEEDS * steps / med(ts) for ts in times.values())
+    peak = torch.cuda.max_memory_allocated(device)
+    summary += [
+        {"section": "gpu", "metric": "mnist1d_recipe_train_s", "value": train_s, "unit": "s", "target": "<= 2",
+         "met": train_s <= 2, "note": f"{epochs * RECIPE_STEPS} steps, evaluation every epoch; summary.csv "
+                                      f"train_seconds; wall {med([w for _, w in recipe]):.2f} s; {name}"},
+        {"section": "gpu", "metric": "d2l_epoch_s_median", "value": med(d2l_times), "unit": "s", "target": "<= 0.05",
+         "met": med(d2l_times) <= 0.05, "note": data_note},
+        {"section": "gpu", "metric": f"parallel_seeds_{GPU_SEEDS}_model_steps_per_s", "value": db_rate, "unit": "1/s",
+         "note": f"train.train_epoch, {steps} steps of batch {cfg.batch_size}"},
+        {"section": "gpu", "metric": "ceiling_model_steps_per_s", "value": ceiling_rate, "unit": "1/s",
+         "note": "stacked weights, baddbmm, foreach Adam, the step replayed as one CUDA graph"},
+        {"section": "gpu", "metric": "dropbench_fraction_of_ceiling", "value": db_rate / ceiling_rate, "unit": "",
+         "target": ">= 0.5", "met": db_rate / ceiling_rate >= 0.5},
+        {"section": "gpu", "metric": "peak_gpu_memory_mib", "value": peak / 2 ** 20, "unit": "MiB",
+         "note": "torch.cuda.max_memory_allocated over the section"},
     ]
     return rows
 
 
 SECTIONS = {  # name: (function, columns of its CSV file)
-    "epoch": (bench_epochs, ["side", "round", "seconds", "threads", "images"]),
-    "seeds": (bench_seeds, ["kind", "seeds", "round", "wall_seconds", "train_seconds"]),
-    "startup": (bench_startup, ["command", "round", "seconds", "exit_code", "imports_torch"]),
-    "ablation": (bench_ablation, ["case", "variant", "ms_per_step_median", "ms_per_step_min"]),
+    "epoch": (bench_epochs, ["side", "round", "seconds", "threads", "images", "device"]),
+    "seeds": (bench_seeds, ["kind", "seeds", "round", "wall_seconds", "train_seconds", "device"]),
+    "plain": (bench_plain, ["side", "round", "wall_seconds", "epochs", "threads", "device"]),
+    "startup": (bench_startup, ["command", "round", "seconds", "exit_code", "imports_torch", "device"]),
+    "replicas": (bench_replicas, ["variant", "round", "ms_per_step", "steps", "device"]),
+    "gpu": (bench_gpu, ["case", "round", "seconds", "model_steps_per_s", "device"]),
 }
 
 
 # ----------------------------------------------------------------------------------------------
+def peak_rss_mib(children: bool) -> float:
+    """Peak resident memory of this process, or of its largest finished subprocess, in MiB."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+def machine_rows(threads: int, seconds: float, load_before: float | None) -> list[dict]:
+    load = LOAD.mean
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return [
+        {"section": "machine", "metric": "cpu", "value": cpu_model(),
+         "note": f"{os.cpu_count()} logical CPUs, {threads} torch threads, torch {torch.__version__}"},
+        {"section": "machine", "metric": "gpu", "value": gpu, "note": "used by the gpu section only"},
+        {"section": "machine", "metric": "background_load_cores", "value": "" if load is None else load,
+         "unit": "cores", "target": f"< {BUSY}", "met": "" if load is None else load < BUSY,
+         "note": f"CPU used by other processes while timing (of {os.cpu_count()}); above {BUSY} the timings are "
+                 f"unreliable; bench {seconds:.0f} s"},
+        {"section": "machine", "metric": "load_average_1min_at_start", "value": "" if load_before is None
+         else load_before, "unit": "", "target": f"< {BUSY_LOADAVG}",
+         "met": "" if load_before is None else load_before < BUSY_LOADAVG,
+         "note": "os.getloadavg() before the first section"},
+        {"section": "memory", "metric": "peak_rss_mib", "value": peak_rss_mib(children=False), "unit": "MiB",
+         "note": "this process (getrusage RUSAGE_SELF)"},
+        {"section": "memory", "metric": "peak_rss_children_mib", "value": peak_rss_mib(children=True), "unit": "MiB",
+         "note": "the largest subprocess (dropbench train, plain loop, startup commands)"},
+    ]
+
+
 def print_summary(console, summary: list, threads: int, quick: bool):
     from rich.table import Table
 
@@ -521,49 +803,56 @@ def print_summary(console, summary: list, threads: int, quick: bool):
         v, met = row["value"], row.get("met", "")
         table.add_row(row["section"], row["metric"], f"{v:.4g}" if isinstance(v, float) else str(v),
                       row.get("unit", ""), row.get("target", ""),
-                      "[green]yes[/]" if met is True else "[red]no[/]" if met is False else str(met), row.get("note", ""))
+                      "[green]yes[/]" if met is True else "[red]no[/]" if met is False else str(met),
+                      row.get("note", ""))
     console.print(table)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test in < 30 s")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few rounds: a smoke test")
     parser.add_argument("--out", default=str(REPO / "results" / "bench"), help="directory for the CSV files")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as dropbench, all cores)")
-    parser.add_argument("--sections", default=None,
-                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; no ablation with --quick)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     args = parser.parse_args(argv)
-    sections = args.sections.split(",") if args.sections else [s for s in SECTIONS if not (args.quick and s == "ablation")]
-    if set(sections) - set(SECTIONS):
-        parser.error(f"unknown section(s) {', '.join(sorted(set(sections) - set(SECTIONS)))}; choose from {', '.join(SECTIONS)}")
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        parser.error(f"--sections {args.sections!r}: unknown section(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(SECTIONS)}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: give a positive number of threads")
     args.repeats = 2 if args.quick else 7
     args.seed_repeats = 1 if args.quick else 3
+    args.plain_rounds = 1 if args.quick else 3
     args.startup_repeats = 2 if args.quick else 7
-    args.ablation_rounds = 4 if args.quick else 15
+    args.replica_rounds = 3 if args.quick else 15
+    args.gpu_rounds = 1 if args.quick else 3
     args.peak_n = 1024 if args.quick else 2048
+    args.cpu = cpu_model()
 
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 160)
-    threads = args.threads or train.threads_for_job("auto", 1)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load_before is not None and load_before > BUSY_LOADAVG:
+        console.print(f"[yellow]warning: load average {load_before:.2f} before starting: other processes are "
+                      f"running; timings may be unreliable[/]")
+    threads = args.threads or runs.threads_for_job("auto", 1)
     torch.set_num_threads(threads)
     out, summary, t0 = Path(args.out), [], time.perf_counter()
     for section in sections:
         fn, columns = SECTIONS[section]
         write_csv(out / f"{section}.csv", fn(args, summary, console), columns)
-    load = LOAD.mean
-    summary.append({"section": "machine", "metric": "background_load_cores", "value": "" if load is None else load,
-                    "unit": "cores", "target": "~0",
-                    "note": f"CPU used by other processes while timing (of {os.cpu_count()}); above ~0.2 the "
-                            f"timings are unreliable. torch {torch.__version__}, {cpu_model()}, {threads} threads, "
-                            f"bench {time.perf_counter() - t0:.0f} s"})
+    summary += machine_rows(threads, time.perf_counter() - t0, load_before)
     for row in summary:
         row["value"] = round(row["value"], 6) if isinstance(row["value"], float) else row["value"]
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
     print_summary(console, summary, threads, args.quick)
-    if load is not None and load > 0.2:
-        console.print(f"[yellow]warning: other processes used {load:.2f} cores on average while timing; "
+    if LOAD.mean is not None and LOAD.mean > BUSY:
+        console.print(f"[yellow]warning: other processes used {LOAD.mean:.2f} cores on average while timing; "
                       "the figures are not reliable[/]")
     console.print(f"wrote {', '.join(f'{s}.csv' for s in [*sections, 'summary'])} to {out}")
     return 0
