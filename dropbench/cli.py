@@ -6,6 +6,7 @@ and `report` answer at once.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import hashlib
@@ -16,13 +17,14 @@ import sys
 import time
 from collections import Counter
 from datetime import datetime
-from importlib.resources import files
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from dropbench import __version__
+from dropbench.config import choices
 from dropbench.results import files_named, read_summary, remove_if_only_hydra  # stdlib only: no torch
+from dropbench.signals import raise_interrupt
 
 USAGE = """usage: dropbench <command> [args]
 
@@ -38,13 +40,6 @@ examples:
   dropbench report results/sweeps
 """
 GROUPS = ("dataset", "model", "regularizer", "optimizer", "schedule", "logger", "experiment")
-
-
-def choices(group: str) -> list[str]:
-    """Config names available in a config group (YAML files under conf/<group>; `_name` files are
-    shared parts of the others, not choices)."""
-    folder = files("dropbench.conf") / group
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
 def fail(command: str, message: str, code: int = 2) -> None:
@@ -149,18 +144,50 @@ def parse_train_args(argv: list[str]):
 
 class SweepCallback:
     """Hydra callback (conf/config.yaml, hydra.callbacks): notes the sweep directory in the process
-    that launches the jobs, which with the joblib launcher runs none of them itself."""
+    that launches the jobs, which with the joblib launcher runs none of them itself; in a submitit
+    job, puts the job's log files into its folder."""
 
     sweep_dir: Path | None = None
+    # progress of a sweep whose jobs run one after another in this process (Hydra's basic launcher)
+    total: int | None = None
+    done, failed, started, last_status = 0, 0, 0.0, ""
 
     def on_multirun_start(self, config, **kwargs) -> None:
         SweepCallback.sweep_dir = Path(str(config.hydra.sweep.dir))
+        SweepCallback.total = _sweep_size(config)
+        SweepCallback.done, SweepCallback.failed, SweepCallback.started = 0, 0, time.time()
 
     def on_run_start(self, config, **kwargs) -> None: ...
     def on_run_end(self, config, **kwargs) -> None: ...
     def on_multirun_end(self, config, **kwargs) -> None: ...
-    def on_job_start(self, config, **kwargs) -> None: ...
-    def on_job_end(self, config, job_return, **kwargs) -> None: ...
+    def on_job_start(self, config, **kwargs) -> None:
+        _link_submitit_logs(Path(config.hydra.runtime.output_dir))
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        """After each job of a sequential sweep, one line: jobs done of the total, failures, ETA."""
+        if SweepCallback.total is None:
+            return
+        SweepCallback.done += 1
+        SweepCallback.failed += SweepCallback.last_status == "failed" or job_return.status.name == "FAILED"
+        done, total = SweepCallback.done, SweepCallback.total
+        left = (time.time() - SweepCallback.started) / done * (total - done)
+        print(f"dropbench train: sweep {done}/{total} jobs done, {SweepCallback.failed} failed; "
+              f"ETA {int(left // 60)}m{int(left % 60):02d}s", flush=True)
+
+
+def _sweep_size(config) -> int | None:
+    """How many jobs Hydra's basic sweeper and launcher run one after another in this process, or
+    None for other sweepers and launchers (their jobs run elsewhere, or their number is not fixed)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    basic = "hydra._internal.core_plugins.basic_"
+    if (config.hydra.sweeper.get("_target_") != basic + "sweeper.BasicSweeper"
+            or config.hydra.launcher.get("_target_") != basic + "launcher.BasicLauncher"):
+        return None
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+    return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
 
 
 def train(argv: list[str]) -> None:
@@ -210,6 +237,7 @@ def train(argv: list[str]) -> None:
             raise
         if result.run_dir != output_dir or result.status == "skipped":
             remove_if_only_hydra(output_dir, Path(cfg.results_dir))
+        SweepCallback.last_status = result.status
         if result.status == "failed":
             failures.append(result.run_dir)
             print(f"dropbench train: run failed, recorded in {result.run_dir}/summary.csv", file=sys.stderr)
@@ -265,20 +293,22 @@ def job_score(cfg, dirs: list[Path]) -> float:
 
     Args:
         cfg: the job's config (its seeds are `seed`, ..., `seed + parallel_seeds - 1`).
-        dirs: where the job's summaries are: its run directory and, for seeds finished earlier and
-            copied in, its Hydra output directory.
+        dirs: where the job's summaries are (in `seed_N/` with several seeds): its run directory
+            and, for seeds finished earlier and copied in, its Hydra output directory.
     """
     from dropbench.results import identity
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    keys = [identity(config, cfg.seed + k)[0] for k in range(cfg.parallel_seeds)]
+    seeds = [cfg.seed + k for k in range(cfg.parallel_seeds)]
+    keys = {identity(config, s)[0]: s for s in seeds}
     rows = {}
-    for folder in dict.fromkeys(dirs):  # the run key picks this config's runs out of a shared folder
-        for path in files_named(folder, "summary.csv"):
-            row = read_summary(path)
-            if row and row["run_key"] in keys and (row["run_key"] not in rows or row["status"] == "ok"):
-                rows[row["run_key"]] = row
-    values = [rows[k]["best_val_acc"] if k in rows and rows[k]["status"] == "ok" else "" for k in keys]
+    for folder in dict.fromkeys(dirs):
+        for s in seeds:
+            row = read_summary(folder / f"seed_{s}" / "summary.csv" if len(seeds) > 1 else folder / "summary.csv")
+            # the run key tells this config's run from another one's that a reused folder may hold
+            if row and keys.get(row["run_key"]) == s and (s not in rows or row["status"] == "ok"):
+                rows[s] = row
+    values = [rows[s]["best_val_acc"] if s in rows and rows[s]["status"] == "ok" else "" for s in seeds]
     if not all(values):
         return float("nan")
     return sum(float(v) for v in values) / len(values)
@@ -332,8 +362,37 @@ def _remove_empty_sweep(sweep_dir: Path | None) -> None:
         sweep_dir.rmdir()
 
 
+def _link_submitit_logs(job_dir: Path) -> None:
+    """In a submitit job, its stdout and stderr (files named by job id under
+    hydra.launcher.submitit_folder) also appear in its own folder as log.out and log.err: hard
+    links, which stay when the submitit folder is deleted."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import submitit
+
+    paths = submitit.JobEnvironment().paths
+    for name, log in (("log.out", paths.stdout), ("log.err", paths.stderr)):
+        with contextlib.suppress(OSError):  # no stderr file (stderr_to_stdout), or no hard links on this file system
+            (job_dir / name).unlink(missing_ok=True)  # a requeued job links its log again
+            os.link(log, job_dir / name)
+
+
+SUBMITIT_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+
+
 def _parallel_jobs(hc) -> int:
-    """How many jobs the launcher runs at once (joblib's n_jobs: -1 = all cores, -2 = all but one)."""
+    """How many jobs share this process's cores (threads=auto gives each cores / jobs): joblib's
+    n_jobs (-1 = all cores, -2 = all but one); 1 for a Slurm job, whose cores are its own
+    (runs.available_cores); under submitit's local executor, which starts every job of the sweep at
+    once, the number of shares of hydra.launcher.cpus_per_task (1 when unset) the cores hold, so a
+    job gets at most cpus_per_task threads."""
+    target = str(hc.launcher.get("_target_", ""))
+    if target == SUBMITIT_LAUNCHER + "SlurmLauncher":
+        return 1
+    if target == SUBMITIT_LAUNCHER + "LocalLauncher":
+        from dropbench.runs import available_cores
+
+        return math.ceil(available_cores() / int(hc.launcher.get("cpus_per_task") or 1))
     n_jobs = int(hc.launcher.get("n_jobs", 1) or 1)
     return n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
 
@@ -341,11 +400,6 @@ def _parallel_jobs(hc) -> int:
 def list_choices() -> None:
     for group in GROUPS:
         print(f"{group}: {', '.join(choices(group))}")
-
-
-def _terminate(signum, frame):
-    # SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: its state is written first.
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def shell_completion(argv: list[str]) -> None:
@@ -371,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "--version":
         print(f"dropbench {__version__}")
     elif command == "train":
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, raise_interrupt)
         try:
             train(argv[1:])
         except KeyboardInterrupt as stop:

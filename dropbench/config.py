@@ -20,6 +20,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from importlib.resources import files
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
@@ -659,8 +660,6 @@ def shipped_defaults() -> dict[str, dict[str, object]]:
     """key -> {config choice: value} over the shipped configs ("" for the top level), values unresolved."""
     from hydra import compose, initialize_config_module
 
-    from dropbench.cli import choices
-
     found: dict[str, dict[str, object]] = {}
 
     def note(tree: dict, prefix: str, choice: str) -> None:
@@ -685,8 +684,6 @@ def _default(setting: Setting, defaults: dict) -> str:
     by_choice = {c: v for c, v in defaults.get(setting.key, {}).items() if not setting.used_by or c in setting.used_by}
     if not by_choice:
         return "—"
-    from dropbench.cli import choices
-
     values: dict[str, list[str]] = {}
     for choice, value in sorted(by_choice.items()):
         shown = ("the config's name" if value == choice and setting.key.endswith(".name")
@@ -717,3 +714,10 @@ if __name__ == "__main__":
     from dropbench.config import markdown as _markdown  # the imported module, whose SETTINGS the tests read
 
     sys.stdout.write(_markdown())
+
+
+def choices(group: str) -> list[str]:
+    """Config names available in a config group (YAML files under conf/<group>; `_name` files are
+    shared parts of the others, not choices)."""
+    folder = files("dropbench.conf") / group
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_"))

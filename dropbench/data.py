@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from numbers import Number
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from dropbench.config import UserError, flag, non_negative, positive_int, probability
+from dropbench.results import atomic_file
 
 SPLITS = ("train", "val", "test")
 
@@ -208,7 +208,8 @@ def load_mnist1d(device: torch.device, name: str = "mnist1d", cache_dir: str = "
             x, y, x_test, y_test = (arrays[k] for k in ("x", "y", "x_test", "y_test"))
     except FileNotFoundError:
         x, y, x_test, y_test = _generate_mnist1d(num_samples, train_split, seed)
-        _save_npz_atomic(cache, x=x, y=y, x_test=x_test, y_test=y_test)
+        with atomic_file(cache, "wb") as f:  # readers never see half a file
+            np.savez(f, x=x, y=y, x_test=x_test, y_test=y_test)
     except Exception as error:  # noqa: BLE001 (a truncated or foreign file: say which, don't guess)
         raise UserError(f"cached MNIST-1D file {cache} is unreadable ({error}); delete it to regenerate") from None
     # [N, 40] -> [N, 1, 40]: one channel, so the same tensors feed an MLP or a Conv1d.
@@ -230,19 +231,6 @@ def _generate_mnist1d(num_samples: int, train_split: float, seed: int):
         np.random.set_state(state)
     return (d["x"].astype(np.float32), d["y"].astype(np.int64),
             d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))
-
-
-def _save_npz_atomic(path: Path, **arrays) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_digits(device: torch.device, name: str = "digits", test_fraction: float = 0.2, val_fraction: float = 0.1,

@@ -1,18 +1,17 @@
 """Run management around the training loop: one Hydra job = one config trained for R seeds.
 
 `train_job` decides what to train (finished seeds are skipped, an interrupted run is continued
-with resume=true), where results go (a folder never holds two runs), and writes what the loop
-produces: metrics.csv after every epoch, a checkpoint, progress lines, tracker logs, and at the
-end, however the run ends (finished, diverged, failed or interrupted), summary.csv. Every file
-is written atomically (dropbench.results.atomic_file). The loop itself is dropbench.train.fit.
+with resume=true, a requeued submitit job continues its own), where results go (a folder never
+holds two runs), and writes what the loop produces: metrics.csv after every epoch, a checkpoint,
+progress lines, tracker logs, and at the end, however the run ends (finished, diverged, failed or
+interrupted), summary.csv. Every file is written atomically (dropbench.results.atomic_file). The
+loop itself is dropbench.train.fit.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -46,6 +45,7 @@ from dropbench.results import (
     write_checkpoint_info,
     write_csv,
 )
+from dropbench.signals import signals_ignored, signals_interrupt, submitit_signal
 from dropbench.train import Run, build_run, diverged, fit, resolve_device
 
 CHECKPOINT_FORMAT = 2
@@ -82,13 +82,17 @@ def threads_for_job(setting, parallel_jobs: int) -> int:
 
 
 def available_cores() -> int:
-    """Cores this process may run on: a Slurm or container allocation, not the whole machine."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Cores this process may run on: a Slurm or container allocation, not the whole machine. A Slurm
+    job's --cpus-per-task bounds it also on clusters that do not pin jobs to their CPUs."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    given = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cores, int(given)) if given.isdigit() and int(given) > 0 else cores
 
 
 def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: int = 1, job_num: int = 0) -> JobResult:
-    """Run one job (or continue it from its checkpoint with resume=true) and return how it ended;
-    `job_num` is the job's number in its sweep (it picks the GPU when several are visible).
+    """Run one job (or continue it from its checkpoint with resume=true, or, as a requeued submitit
+    job, from the checkpoint in its own folder) and return how it ended; `job_num` is the job's
+    number in its sweep (it picks the GPU when several are visible).
 
     Raises UserError before anything is written if the config is invalid.
     """
@@ -113,14 +117,20 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
         if not seeds:
             return JobResult("skipped", output_dir)
     keys = {s: identity(config, s) for s in seeds}
-    found = find_resumable(cfg.results_dir, [keys[s][0] for s in seeds], device.type)
-    if found is not None and not cfg.resume:
-        if found != output_dir:
-            print(f"dropbench: an unfinished run of this job has a checkpoint in {found}; starting afresh "
-                  f"(resume=true continues it instead)")
-        found = None
-    elif cfg.resume and found is None:
-        print("dropbench: resume=true but no unfinished run of this config has a checkpoint; starting afresh")
+    run_keys = [keys[s][0] for s in seeds]
+    if submitit_signal() is not None and find_resumable(str(output_dir), run_keys, device.type) == output_dir:
+        # a submitit job started again after a timeout or preemption (requeued by submitit or by Slurm) finds
+        # its checkpoint in its own folder: it continues, with the numbers of a run that never stopped
+        found = output_dir
+    else:
+        found = find_resumable(cfg.results_dir, run_keys, device.type)
+        if found is not None and not cfg.resume:
+            if found != output_dir:
+                print(f"dropbench: an unfinished run of this job has a checkpoint in {found}; starting afresh "
+                      f"(resume=true continues it instead)")
+            found = None
+        elif cfg.resume and found is None:
+            print("dropbench: resume=true but no unfinished run of this config has a checkpoint; starting afresh")
     if found is not None and found != output_dir:  # the run goes on in its own directory
         remove_if_only_hydra(output_dir, Path(cfg.results_dir))
     run_dir = found or output_dir
@@ -133,7 +143,7 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
     state = {"run_dir": run_dir, "started_at": _now(), "resumed_from": None, "earlier_seconds": 0.0,
              "train_seconds": 0.0}
     run, started, t_start, trackers, disk_full = None, False, time.perf_counter(), [], None
-    with _signals_interrupt():
+    with signals_interrupt():
         try:
             run = build_run(cfg, device, seeds)
             if found is not None:
@@ -156,7 +166,7 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
                 fit(cfg, run, (state["resumed_from"] or 0) + 1, on_epoch)
         except KeyboardInterrupt:
             if started:
-                with _signals_ignored():  # a second Ctrl-C must not cut the state being written
+                with signals_ignored():  # a second Ctrl-C must not cut the state being written
                     _finish(runs, "interrupted", "")
                     for seed_run in runs:  # the signal may have cut the last metrics.csv write short
                         if seed_run.rows:
@@ -177,10 +187,12 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
             tracker.finish(seed_run.status)
         if disk_full is not None:  # recorded as failed where it could be; the command must not go on
             raise disk_full
+    _finish(runs, "interrupted", "")  # stopped by submitit's signal and not requeued (signals_interrupt)
     statuses = {r.status for r in runs}
     if statuses <= {"ok", "diverged"} and not cfg.keep_checkpoint:  # nothing left to continue
         remove_quietly(run_dir / CHECKPOINT, run_dir / CHECKPOINT_INFO)
-    status = "failed" if "failed" in statuses else "diverged" if statuses == {"diverged"} else "ok"
+    status = ("failed" if "failed" in statuses else "interrupted" if "interrupted" in statuses
+              else "diverged" if statuses == {"diverged"} else "ok")
     accuracy = ", ".join(f"seed {r.seed} test acc {_last(r.rows, 'test', 'accuracy'):.3f}"
                          for r in runs if _last(r.rows, "test", "accuracy") is not None)
     return JobResult(status, run_dir, accuracy)
@@ -354,40 +366,6 @@ def _restore(state: dict, runs: list[SeedRun], run: Run) -> None:
     state.update(resumed_from=checkpoint["epoch"], started_at=checkpoint["started_at"],
                  earlier_seconds=checkpoint["wall_seconds"], train_seconds=checkpoint["train_seconds"])
     print(f"dropbench: resuming {state['run_dir']} after epoch {checkpoint['epoch']}")
-
-
-# -- signals -------------------------------------------------------------------------------------------
-
-def raise_interrupt(signum, frame):
-    """SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: its state is written first."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-@contextmanager
-def _signals_interrupt():
-    """SIGTERM stops the run like Ctrl-C; set here as well as in the CLI, for launchers that run
-    jobs in worker processes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-@contextmanager
-def _signals_ignored():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _now() -> str:

@@ -47,6 +47,10 @@ def test_smoke_run_writes_tidy_csvs(smoke_run):
     assert 0 <= float(summary["test_ece"]) <= 1 and float(summary["seconds_per_epoch"]) > 0
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert "Traceback" not in proc.stderr
+    # not a terminal: one plain line per epoch, so that a cluster log shows life
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[:3] for line in lines] == [["epoch", "1/2", "train_acc"], ["epoch", "2/2", "train_acc"]]
+    assert "val_acc" in lines[0] and "test_acc" in lines[0] and lines[0].endswith(" s")
 
 
 def test_same_seed_gives_identical_metrics(smoke_run, tmp_path):

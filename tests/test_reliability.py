@@ -539,3 +539,50 @@ def test_finished_jobs_are_skipped_unless_forced(tmp_path):
     with open(tmp_path / "a" / "summary.csv", newline="") as f:
         row = next(csv.DictReader(f))
     assert row["threads"] == "1" and row["resumed_from_epoch"] == ""
+
+
+def test_a_finished_run_dir_is_never_reused_unless_forced(tmp_path):
+    run_dir = tmp_path / "results" / "fixed"
+    first = run(train_cmd(f"results_dir={tmp_path}/results", f"hydra.run.dir={run_dir}"), tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = (run_dir / "summary.csv").read_text()
+    again = run(train_cmd("seed=1", f"results_dir={tmp_path}/results", f"hydra.run.dir={run_dir}"), tmp_path)
+    lines = again.stderr.strip().splitlines()
+    assert again.returncode == 2 and len(lines) == 1 and "already holds a finished run" in lines[0], again.stderr
+    assert (run_dir / "summary.csv").read_text() == before
+    forced = run(train_cmd("seed=1", "force=true", f"results_dir={tmp_path}/results", f"hydra.run.dir={run_dir}"),
+                 tmp_path)
+    assert forced.returncode == 0 and read_summary(run_dir / "summary.csv")["seed"] == "1"
+
+
+def test_a_loss_far_above_chance_is_divergence_not_a_result(tmp_path):
+    """Adam at lr=1e6 once reached a loss of 4.6e16 and was recorded `ok`."""
+    from hydra import compose, initialize_config_module
+
+    from dropbench.runs import train_job
+
+    with initialize_config_module("dropbench.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "optimizer=adam", "optimizer.lr=1e6", "epochs=3",
+                                           "progress=false", "threads=1", f"results_dir={tmp_path}"])
+    result = train_job(cfg, tmp_path / "run", multirun=False)
+    row = read_summary(tmp_path / "run" / "summary.csv")
+    assert result.status == "diverged" and row["status"] == "diverged" and row["diverged_epoch"] == "1"
+
+
+def test_settings_outside_the_run_identity_change_no_number(tmp_path):
+    """NOT_IDENTITY lists what does not change a run's numbers: changing those leaves every metric and
+    the run_key as they were."""
+    from hydra import compose, initialize_config_module
+
+    from dropbench.runs import train_job
+
+    def once(name, *overrides):
+        with initialize_config_module("dropbench.conf", version_base="1.3"):
+            cfg = compose("config", overrides=["experiment=smoke", "threads=1", *overrides])
+        assert train_job(cfg, tmp_path / name, multirun=False).status == "ok"
+        return metrics_without_seconds(tmp_path / name / "metrics.csv"), read_summary(tmp_path / name / "summary.csv")
+
+    a, row_a = once("a", "progress=false", f"results_dir={tmp_path}/r1")
+    b, row_b = once("b", "progress=true", "keep_checkpoint=true", f"results_dir={tmp_path}/r2",
+                    "dataset.device_budget_gb=0", f"dataset.cache_dir={tmp_path}/cache")
+    assert a == b and row_a["run_key"] == row_b["run_key"] and row_a["group_key"] == row_b["group_key"]

@@ -7,7 +7,7 @@ import pytest
 from conftest import read_csv, run_cli
 from hydra import compose, initialize_config_module
 
-from dropbench.cli import choices
+from dropbench.config import choices
 
 SWEEP = ["-m", "experiment=smoke", "threads=1", "regularizer=dropout", "regularizer.p=0.1,0.5,0.9", "seed=0,1,2"]
 
@@ -89,3 +89,15 @@ def test_experiments_compose(experiment):
     if experiment == "d2l_dropout":
         assert list(cfg.model.hidden) == [256, 256] and list(cfg.regularizer.p) == [0.2, 0.5]
         assert cfg.optimizer.lr == 0.5 and cfg.batch_size == 256 and cfg.model.init_std == 0.01
+
+
+def test_jobs_of_different_experiments_never_share_a_folder(tmp_path):
+    """Two jobs that differ only in `experiment` once went to one folder, the second deleting the first."""
+    proc = run_cli("train", "-m", "experiment=smoke,d2l_dropout", "dataset=mnist1d", "epochs=2", "seed=0",
+                   "threads=1", "progress=false", f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert proc.returncode == 0, proc.stderr
+    rows = summaries(tmp_path / "sweep")
+    assert len(rows) == 2 and len({row["run_key"] for row in rows.values()}) == 2
+    assert {row["cfg.batch_size"] for row in rows.values()} == {"64", "256"}  # smoke's and d2l's
+    # a sequential sweep says how far it got after each job
+    assert "sweep 1/2 jobs done, 0 failed; ETA" in proc.stdout and "sweep 2/2 jobs done" in proc.stdout

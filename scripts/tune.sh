@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The tuned comparison of docs/tuning.md: every method at its own grid, selected on validation
+# accuracy, then the selections measured again on fresh seeds.
+#
+#   bash scripts/tune.sh [--results DIR] [--methods "none dropout ..."] [--stage select|confirm|all] [OVERRIDE ...]
+#
+# select   each method's grid (conf/experiment/tune/METHOD.yaml: ablation_all's training, seeds 0-2)
+#          trains into DIR/sweeps/tune, then `dropbench report` writes DIR/reports/tune, whose
+#          tuned.csv names each method's setting with the best mean validation accuracy.
+# confirm  each setting in that tuned.csv (the `none` baseline included) trains again on the fresh
+#          seeds 100-104 into DIR/sweeps/tune_confirm; `dropbench report` writes DIR/reports/tune_confirm.
+#          Selection and estimate thus use different seeds: the confirm numbers carry no selection bias.
+#
+# DIR defaults to results. Methods default to every file in conf/experiment/tune. OVERRIDEs go to
+# every training command, e.g. hydra/launcher=joblib hydra.launcher.n_jobs=2 threads=1 to run two
+# jobs at a time. Finished jobs are skipped on a re-run, so an interrupted call can simply be repeated.
+set -euo pipefail
+
+grids="$(cd "$(dirname "$0")/../conf/experiment/tune" && pwd)"
+results=results
+methods=$(cd "$grids" && ls -- *.yaml | grep -v '^_' | sed 's/\.yaml$//' | tr '\n' ' ')
+stage=all
+confirm_seed=100  # seeds confirm_seed ... confirm_seed + confirm_seeds - 1, none of them used by select
+confirm_seeds=5
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --results) results=$2; shift 2 ;;
+    --methods) methods=$2; shift 2 ;;
+    --stage) stage=$2; shift 2 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
+    --*) echo "tune.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+case "$stage" in select|confirm|all) ;; *) echo "tune.sh: --stage $stage; choose select, confirm or all" >&2; exit 2 ;; esac
+for method in $methods; do
+  [ -f "$grids/$method.yaml" ] || { echo "tune.sh: no grid conf/experiment/tune/$method.yaml" >&2; exit 2; }
+done
+
+select_dir="$results/sweeps/tune"
+tuned="$results/reports/tune/tuned.csv"
+
+if [ "$stage" != confirm ]; then
+  for method in $methods; do
+    dropbench train -m "experiment=tune/$method" "results_dir=$results" "hydra.sweep.dir=$select_dir" "$@"
+  done
+  dropbench report "$select_dir" --out "$results/reports/tune"
+fi
+
+if [ "$stage" != select ]; then
+  [ -f "$tuned" ] || { echo "tune.sh: $tuned not found; run --stage select first (it needs a method with" \
+                            "several settings)" >&2; exit 1; }
+  # Each selected group's job overrides (from the job's .hydra/overrides.yaml), one shell-quoted line per
+  # method; the seeds are left out: they are replaced by the fresh ones.
+  selected=$(python - "$tuned" "$select_dir" <<'EOF'
+import csv
+import shlex
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from dropbench.results import files_named, read_summary
+
+tuned, sweep = Path(sys.argv[1]), Path(sys.argv[2])
+overrides = {}  # group_key -> the overrides of a job that trained it
+for path in files_named(sweep, "summary.csv"):
+    row = read_summary(path)
+    job = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra" / "overrides.yaml").is_file()), None)
+    if row and job:
+        overrides.setdefault(row["group_key"], list(OmegaConf.load(job / ".hydra" / "overrides.yaml")))
+with open(tuned, newline="") as f:
+    for row in csv.DictReader(f):
+        if not row["group_key"]:
+            print(f"tune.sh: {row['method']}: {row['note']}; not re-run", file=sys.stderr)
+        elif row["group_key"] not in overrides:
+            sys.exit(f"tune.sh: no job folder with overrides for {row['label']} under {sweep}")
+        else:
+            kept = [o for o in overrides[row["group_key"]] if o.split("=")[0].lstrip("+~") not in ("seed", "parallel_seeds")]
+            print(shlex.join(kept))
+EOF
+  )
+  while IFS= read -r line; do
+    [ -n "$line" ] || continue
+    eval "job=($line)"
+    dropbench train -m "${job[@]}" "seed=$confirm_seed" "parallel_seeds=$confirm_seeds" \
+      "hydra.sweep.dir=$results/sweeps/tune_confirm" "$@"
+  done <<< "$selected"
+  dropbench report "$results/sweeps/tune_confirm" --out "$results/reports/tune_confirm"
+fi
