@@ -73,12 +73,15 @@ def test_unknown_section_is_a_usage_error(bench, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quick_bench_writes_summary(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--threads", "1", "--out", str(tmp_path)],
+    # every section but `startup`, whose claim (no torch import) tests/test_cli.py checks in-process
+    sections = ",".join(sorted(set(SECTIONS) - {"startup"}))
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--threads", "1", "--out", str(tmp_path),
+                           "--sections", sections],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = read_csv(tmp_path / "summary.csv")
     summary = {row["metric"]: row for row in rows}
-    assert {row["section"] for row in rows} == {"epoch", "efficiency", "seeds", "plain", "startup", "replicas", "gpu",
+    assert {row["section"] for row in rows} == {"epoch", "efficiency", "seeds", "plain", "replicas", "gpu",
                                                 "machine", "memory"}
     for metric in RATIOS:
         value = float(summary[metric]["value"])
@@ -87,11 +90,9 @@ def test_quick_bench_writes_summary(tmp_path):
     # replica k reproduces the single run of seed k up to rounding
     assert float(summary["replica_vs_single_max_abs_loss_diff"]["value"]) < 1e-3
     assert float(summary["replica_vs_single_max_abs_loss_diff_dropout"]["value"]) < 1e-3
-    for command in ("dropbench --help", "dropbench list", "dropbench report <empty dir>"):
-        assert summary[command]["met"] == "True", summary[command]  # answered without importing torch
     assert float(summary["peak_rss_mib"]["value"]) > 50
     assert summary["cpu"]["value"]
-    for name in SECTIONS:
+    for name in set(SECTIONS) - {"startup"}:
         section_rows = read_csv(tmp_path / f"{name}.csv")
         if name == "gpu" and not torch.cuda.is_available():
             assert section_rows == [] and summary["skipped"]["section"] == "gpu"

@@ -48,13 +48,19 @@ def test_3x3_sweep_then_rerun_skips_finished_runs(tmp_path):
 
 
 def test_parallel_seeds_match_the_sequential_sweep(tmp_path):
-    proc = run_cli("train", "experiment=smoke", "threads=1", "regularizer=dropout", "parallel_seeds=3",
-                   f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/together")
-    assert proc.returncode == 0, proc.stderr
+    from hydra import compose, initialize_config_module
+
+    from dropbench.runs import train_job
+
+    def job(name: str, *overrides: str) -> None:  # in this process: the CLI runs the same train_job
+        with initialize_config_module("dropbench.conf", version_base="1.3"):
+            cfg = compose("config", overrides=["experiment=smoke", "threads=1", "regularizer=dropout",
+                                               "progress=false", f"results_dir={tmp_path}", *overrides])
+        assert train_job(cfg, tmp_path / name, multirun=False).status == "ok"
+
+    job("together", "parallel_seeds=3")
     for seed in range(3):
-        alone = run_cli("train", "experiment=smoke", "threads=1", "regularizer=dropout", f"seed={seed}",
-                        f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/alone{seed}")
-        assert alone.returncode == 0, alone.stderr
+        job(f"alone{seed}", f"seed={seed}")
         a = read_csv(tmp_path / "together" / f"seed_{seed}" / "metrics.csv")
         b = read_csv(tmp_path / f"alone{seed}" / "metrics.csv")
         # same init, data order and masks; vmap's batched arithmetic agrees up to rounding
