@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per test process (pytest runs two workers): two processes of two threads each
+# on two cores run many times slower than of one thread each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """`dropbench ARGS...` in a fresh process, quiet and single-threaded like CI."""
