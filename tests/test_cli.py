@@ -124,3 +124,13 @@ def test_shell_completion_installs_and_completes(tmp_path):
                           env={**__import__("os").environ, "COMP_LINE": env_line, "COMP_POINT": str(len(env_line))})
     assert proc.returncode == 0, proc.stderr
     assert "regularizer=dropout" in proc.stdout.split() and "regularizer=dropconnect" in proc.stdout.split()
+
+
+def test_hydra_searchpath_adds_a_model_choice_from_a_users_package_dir(tmp_path):
+    (tmp_path / "extra" / "model").mkdir(parents=True)
+    (tmp_path / "extra" / "model" / "wide.yaml").write_text("defaults: [mlp, _self_]\nname: wide\nhidden: [64]\n")
+    proc = run_cli("train", f"hydra.searchpath=[file://{tmp_path}/extra]", "model=wide", *SMOKE, "progress=false",
+                   f"results_dir={tmp_path}/r", f"hydra.run.dir={tmp_path}/r/run")
+    assert proc.returncode == 0, proc.stderr
+    (summary,) = read_csv(tmp_path / "r" / "run" / "summary.csv")
+    assert summary["model"] == "wide" and summary["cfg.model.hidden"] == "[64]"
