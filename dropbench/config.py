@@ -229,7 +229,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("parallel_seeds", count(), "seeds trained at once, vectorized in one process"),
     S("epochs", count(), "passes over the training split"),
     S("batch_size", count(), "training mini-batch size"),
-    S("eval_batch_size", count(), "examples per forward pass when evaluating (speed and memory only)"),
+    S("eval_batch_size", count(), "examples per forward pass when evaluating"),
+    S("eval_every", count(), "evaluate every N epochs and after the last one (1: every epoch); the epoch "
+                             "selected on validation is one of those evaluated"),
     S("device", Text("auto, cpu, cuda or cuda:N", r"auto|cpu|cuda(:\d+)?"),
       "where to train; auto: a GPU if there is one"),
     S("threads", Either((Choice(("auto",)), count(1, 1024))),

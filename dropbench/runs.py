@@ -60,6 +60,7 @@ class SeedRun:
     group_key: str
     out_dir: Path
     rows: list = field(default_factory=list)
+    epochs: int = 0  # epochs trained and recorded (metrics rows only on evaluated epochs)
     status: str = "running"
     diverged_epoch: int | None = None
     error: str = ""
@@ -208,6 +209,9 @@ def _record_epoch(runs: list[SeedRun], trackers: list, epoch: int, stopped: list
         if stop:
             seed_run.status, seed_run.diverged_epoch = "diverged", epoch
             continue
+        seed_run.epochs = epoch
+        if not metrics:  # an epoch eval_every skips
+            continue
         for split, values in metrics.items():
             seconds = train_seconds if split == "train" else eval_seconds
             seed_run.rows.append({"epoch": epoch, "split": split, **{k: v[r] for k, v in values.items()},
@@ -278,7 +282,7 @@ def _write_summaries(cfg, config, run: Run | None, state: dict, runs: list[SeedR
         # the epoch selected on validation accuracy (the first of equals); test data take no part
         best = max(by_split["val"], key=lambda row: row["accuracy"]) if by_split["val"] else {}
         test_at_best = next((row for row in by_split["test"] if best and row["epoch"] == best["epoch"]), {})
-        epochs_done = len(by_split["train"])
+        epochs_done = seed_run.epochs
         summary = {
             "format": FORMAT, "run_id": uuid.uuid4().hex[:12], "run_key": seed_run.run_key,
             "group_key": seed_run.group_key, "status": seed_run.status, "dataset": cfg.dataset.name,
@@ -326,8 +330,8 @@ def _save_checkpoint(state: dict, runs: list[SeedRun], run: Run, epoch: int, sec
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "generators": run.generators.state(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "seeds": [{"seed": r.seed, "status": r.status, "diverged_epoch": r.diverged_epoch, "rows": r.rows}
-                  for r in runs],
+        "seeds": [{"seed": r.seed, "status": r.status, "diverged_epoch": r.diverged_epoch, "rows": r.rows,
+                   "epochs": r.epochs} for r in runs],
     }
     # checkpoint.json first: a checkpoint.pt is never without it (resume ignores a json alone)
     write_checkpoint_info(state["run_dir"], [r.run_key for r in runs],
@@ -355,6 +359,7 @@ def _restore(state: dict, runs: list[SeedRun], run: Run) -> None:
         for seed_run in runs:
             r = saved[seed_run.seed]
             seed_run.rows, seed_run.status, seed_run.diverged_epoch = r["rows"], r["status"], r["diverged_epoch"]
+            seed_run.epochs = r["epochs"]
     except Exception as error:
         raise UserError(f"cannot resume from {path} ({type(error).__name__}: {one_line(error)}); "
                         f"delete it, or run without resume=true") from None
@@ -384,8 +389,8 @@ def _progress(cfg, replicas: int):
         return
     if not sys.stderr.isatty():
         def line(epoch, epochs, metrics, seconds):
-            accs = " ".join(f"{split}_acc {_mean(m['accuracy']):.4f}" for split, m in metrics.items())
-            print(f"epoch {epoch}/{epochs} {accs} {seconds:.2f} s", flush=True)
+            accs = [f"{split}_acc {_mean(m['accuracy']):.4f}" for split, m in metrics.items()]
+            print(" ".join([f"epoch {epoch}/{epochs}", *accs, f"{seconds:.2f} s"]), flush=True)
 
         yield line
         return
@@ -403,6 +408,9 @@ def _progress(cfg, replicas: int):
         task = bar.add_task("train", total=cfg.epochs)
 
         def update(epoch, epochs, metrics, seconds):
+            if not metrics:  # not evaluated this epoch
+                bar.update(task, completed=epoch)
+                return
             split = "val" if "val" in metrics else "test"
             bar.update(task, completed=epoch,
                        description=f"epoch {epoch} {split} acc {_mean(metrics[split]['accuracy']):.3f}"

@@ -132,7 +132,8 @@ def diverged(mean_loss: torch.Tensor, num_classes: int) -> list[bool]:
 def fit(cfg, run: Run, start_epoch: int, on_epoch) -> None:
     """Train epochs start_epoch..cfg.epochs. After each, `on_epoch(epoch, mean_loss, metrics,
     train_seconds, eval_seconds)` gets the mean training loss per replica [R] and every split's
-    metrics ({split: evaluate(...)}), and returns False to stop early (no replica left running)."""
+    metrics ({split: evaluate(...)}; empty on the epochs that `eval_every` skips), and returns
+    False to stop early (no replica left running)."""
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         mean_loss = train_epoch(run, cfg.batch_size) / math.ceil(run.data.size("train") / cfg.batch_size)
@@ -142,7 +143,9 @@ def fit(cfg, run: Run, start_epoch: int, on_epoch) -> None:
         train_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        metrics = {split: evaluate(run, split, cfg.eval_batch_size) for split in SPLITS if run.data.size(split)}
+        evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+        metrics = {split: evaluate(run, split, cfg.eval_batch_size)
+                   for split in SPLITS if evaluated and run.data.size(split)}
         eval_seconds = time.perf_counter() - t0
         if not on_epoch(epoch, mean_loss, metrics, train_seconds, eval_seconds):
             return

@@ -62,3 +62,18 @@ def test_evaluation_metrics_match_a_direct_computation(run):
         assert metrics["ece"][r] == pytest.approx(ece, abs=1e-6)
         assert metrics["accuracy"][r] == pytest.approx(hit.mean())
         assert metrics["loss"][r] == pytest.approx(-np.log(p[np.arange(len(labels)), labels]).mean(), rel=1e-5)
+
+
+def test_eval_every_records_the_evaluated_epochs_and_the_last(tmp_path):
+    from dropbench.results import read_csv_rows, read_summary
+    from dropbench.runs import train_job
+
+    with initialize_config_module("dropbench.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "epochs=5", "eval_every=2", "progress=false",
+                                           "threads=1", f"results_dir={tmp_path}"])
+    assert train_job(cfg, tmp_path / "run", multirun=False).status == "ok"
+    rows = read_csv_rows(tmp_path / "run" / "metrics.csv")
+    assert [(r["epoch"], r["split"]) for r in rows] == [(e, s) for e in "245" for s in ("train", "val", "test")]
+    summary = read_summary(tmp_path / "run" / "summary.csv")
+    assert summary["epochs_completed"] == "5" and summary["best_epoch"] in ("2", "4", "5")
+    assert float(summary["seconds_per_epoch"]) > 0
