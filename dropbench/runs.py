@@ -172,9 +172,7 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
                     for seed_run in runs:  # the signal may have cut the last metrics.csv write short
                         if seed_run.rows:
                             write_csv(seed_run.out_dir / "metrics.csv", seed_run.rows, METRICS_COLUMNS)
-                    _write_summaries(cfg, config, run, state, runs, time.perf_counter() - t_start, device, threads)
-                    for seed_run, tracker in zip(runs, trackers):
-                        tracker.finish(seed_run.status)
+                    _close(cfg, config, run, state, runs, trackers, time.perf_counter() - t_start, device, threads)
             raise
         except Exception as error:  # a crash is recorded as a failed run so that a sweep goes on
             if not started and isinstance(error, UserError):
@@ -183,9 +181,7 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
             disk_full = error if isinstance(error, DiskFull) else None
         else:
             _finish(runs, "ok", "")
-        _write_summaries(cfg, config, run, state, runs, time.perf_counter() - t_start, device, threads)
-        for seed_run, tracker in zip(runs, trackers):
-            tracker.finish(seed_run.status)
+        _close(cfg, config, run, state, runs, trackers, time.perf_counter() - t_start, device, threads)
         if disk_full is not None:  # recorded as failed where it could be; the command must not go on
             raise disk_full
     _finish(runs, "interrupted", "")  # stopped by submitit's signal and not requeued (signals_interrupt)
@@ -263,6 +259,14 @@ def _finish(runs: list[SeedRun], status: str, error: str) -> None:
     for seed_run in runs:
         if seed_run.status == "running":
             seed_run.status, seed_run.error = status, error
+
+
+def _close(cfg, config, run: Run | None, state: dict, runs: list[SeedRun], trackers: list, wall_seconds: float,
+           device, threads: int) -> None:
+    """However a run ended: each seed's summary.csv, then its trackers told the status."""
+    _write_summaries(cfg, config, run, state, runs, wall_seconds, device, threads)
+    for seed_run, tracker in zip(runs, trackers):
+        tracker.finish(seed_run.status)
 
 
 def _write_summaries(cfg, config, run: Run | None, state: dict, runs: list[SeedRun], wall_seconds: float, device,

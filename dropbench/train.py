@@ -108,11 +108,12 @@ def evaluate(run: Run, split: str, batch_size: int) -> dict[str, list[float]]:
     bins = torch.zeros(3, R, ECE_BINS, device=device, dtype=torch.float64)  # count, confidence, correct
     for x, y in run.data.chunks(split, batch_size):
         logp = run.regs.predict(run.model, x)  # [R, B, C]
-        confidence, predicted = logp.exp().max(-1)
+        probs = logp.exp()
+        confidence, predicted = probs.max(-1)
         hit = (predicted == y).double()
         loss -= logp.gather(-1, y.expand(R, -1).unsqueeze(-1)).squeeze(-1).sum(1)
         correct += hit.sum(1)
-        entropy += torch.special.entr(logp.exp()).sum(-1).sum(1)
+        entropy += torch.special.entr(probs).sum(-1).sum(1)
         index = (confidence * ECE_BINS).nan_to_num(0.0).long().clamp_(0, ECE_BINS - 1)  # NaN: a diverged replica
         for row, values in enumerate((torch.ones_like(hit), confidence.double(), hit)):
             bins[row].scatter_add_(1, index, values)
