@@ -241,6 +241,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("force", Flag(), "re-run jobs that already finished (same settings and seed)"),
     S("resume", Flag(), "continue the latest unfinished run of this config from its checkpoint"),
     S("keep_checkpoint", Flag(), "keep checkpoint.pt when a run finishes"),
+    S("checkpoint_every", count(), "write the checkpoint every N epochs and after the last one; a stopped run "
+                                   "resumes from the last one written, up to N-1 epochs back"),
     # optimizer (torch.optim); keys a choice's YAML lacks are added with +, e.g. +optimizer.betas=[0.9,0.99]
     S("optimizer.name", Text(), "labels results (the optimizer column)"),
     S("optimizer.lr", POSITIVE, "learning rate"),

@@ -46,7 +46,8 @@ SUMMARY_COLUMNS = [
 # that changing them leaves the numbers as they are.
 NOT_IDENTITY_GROUPS = ("logger.",)
 NOT_IDENTITY = {"device", "threads", "progress", "results_dir", "force", "resume", "keep_checkpoint",
-                "parallel_seeds", "dataset.cache_dir", "dataset.root", "dataset.download", "dataset.device_budget_gb"}
+                "checkpoint_every", "parallel_seeds", "dataset.cache_dir", "dataset.root", "dataset.download",
+                "dataset.device_budget_gb"}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -160,7 +160,7 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
                                   train_seconds, eval_seconds)
                     progress(epoch, cfg.epochs, metrics, train_seconds + eval_seconds)
                     live = any(seed_run.status == "running" for seed_run in runs)
-                    if live:
+                    if live and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
                         _save_checkpoint(state, runs, run, epoch, time.perf_counter() - t_start, device)
                     return live
 

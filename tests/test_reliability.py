@@ -583,6 +583,46 @@ def test_settings_outside_the_run_identity_change_no_number(tmp_path):
         return metrics_without_seconds(tmp_path / name / "metrics.csv"), read_summary(tmp_path / name / "summary.csv")
 
     a, row_a = once("a", "progress=false", f"results_dir={tmp_path}/r1")
-    b, row_b = once("b", "progress=true", "keep_checkpoint=true", f"results_dir={tmp_path}/r2",
+    b, row_b = once("b", "progress=true", "keep_checkpoint=true", "checkpoint_every=2", f"results_dir={tmp_path}/r2",
                     "dataset.device_budget_gb=0", f"dataset.cache_dir={tmp_path}/cache")
     assert a == b and row_a["run_key"] == row_b["run_key"] and row_a["group_key"] == row_b["group_key"]
+
+
+def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written(tmp_path, monkeypatch):
+    """checkpoint_every=2: checkpoints after epochs 2, 4 and the last; a run stopped during epoch 3
+    resumes after epoch 2 and ends with the numbers of a run never stopped."""
+    import torch
+    from hydra import compose, initialize_config_module
+
+    from dropbench import runs
+
+    def config(*overrides):
+        with initialize_config_module("dropbench.conf", version_base="1.3"):
+            return compose("config", overrides=["experiment=smoke", "epochs=5", "threads=1", "progress=false",
+                                                "regularizer=dropout", *overrides])
+
+    saved, save = [], runs._save_checkpoint
+    monkeypatch.setattr(runs, "_save_checkpoint", lambda state, rs, run, epoch, *a: (saved.append(epoch),
+                                                                                      save(state, rs, run, epoch, *a)))
+    whole = runs.train_job(config(f"results_dir={tmp_path}/whole", "checkpoint_every=2", "keep_checkpoint=true"),
+                           tmp_path / "whole", multirun=False)
+    assert whole.status == "ok" and saved == [2, 4, 5]
+    assert torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["epoch"] == 5
+
+    record = runs._record_epoch
+
+    def stop_in_epoch_3(rs, trackers, epoch, *args):
+        record(rs, trackers, epoch, *args)
+        if epoch == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(runs, "_record_epoch", stop_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        runs.train_job(config(f"results_dir={tmp_path}/r", "checkpoint_every=2"), tmp_path / "r" / "a", multirun=False)
+    assert read_summary(tmp_path / "r" / "a" / "summary.csv")["status"] == "interrupted"
+    monkeypatch.setattr(runs, "_record_epoch", record)
+    resumed = runs.train_job(config(f"results_dir={tmp_path}/r", "checkpoint_every=2", "resume=true"),
+                             tmp_path / "r" / "b", multirun=False)
+    assert resumed.status == "ok" and resumed.run_dir == tmp_path / "r" / "a"
+    assert read_summary(resumed.run_dir / "summary.csv")["resumed_from_epoch"] == "2"
+    assert metrics_without_seconds(resumed.run_dir / "metrics.csv") == metrics_without_seconds(
+        tmp_path / "whole" / "metrics.csv")
