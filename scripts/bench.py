@@ -6,7 +6,8 @@
     python scripts/bench.py --out DIR        # write the CSV files to DIR instead of results/bench
     python scripts/bench.py --sections epoch,seeds --threads 1   # a subset; torch threads
 
-Sections (docs/speed.md says what each figure means). Everything but `gpu` runs on the CPU.
+Sections (docs/speed.md says what each figure means). Everything but `gpu` runs on the CPU;
+`jobs` runs on the GPU where there is one.
   epoch     one training epoch of the d2l dropout setup (conf/experiment/d2l_dropout.yaml: MLP
             784-256-256-10, dropout 0.2/0.5, SGD lr 0.5, batch 256) on FashionMNIST-shaped data,
             dropbench (train.build_run + train.train_epoch) vs the textbook loop (torchvision
@@ -24,6 +25,9 @@ Sections (docs/speed.md says what each figure means). Everything but `gpu` runs 
             8 separate copies of the model stepped one after another, interleaved
   gpu       (with a CUDA GPU only) the MNIST-1D recipe run, the d2l epoch, parallel_seeds=64
             model-steps/s against a hand-written CUDA-graph loop, and peak GPU memory
+  jobs      experiment=ablation_all (14 jobs x 3 seeds, 20 epochs) with Hydra's joblib launcher
+            running 1, 4 and 14 jobs at once on one GPU (1 and one per core on a CPU): sweep wall
+            time, and whether every run's numbers equal those of n_jobs=1
 The real FashionMNIST files are used (full run only) when they are under $DROPBENCH_DATA (default
 ~/.cache/dropbench/data); otherwise random uint8 images are written once, in the real gzip'd IDX
 format, under $DROPBENCH_CACHE/bench (default ~/.cache/dropbench/bench) and read through
@@ -52,7 +56,9 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
+try:
+    import dropbench  # noqa: F401
+except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from dropbench import runs, train  # noqa: E402
@@ -512,6 +518,48 @@ def bench_plain(args, summary: list, console) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
+# jobs: a sweep of small jobs, n of them at a time on one device (Hydra's joblib launcher)
+# ----------------------------------------------------------------------------------------------
+def sweep_metrics(sweep: Path) -> dict[str, list[dict]]:
+    """Every run's metrics.csv rows below `sweep` without the seconds column, by relative path."""
+    return {str(path.relative_to(sweep)): [{k: v for k, v in row.items() if k != "seconds"}
+                                           for row in read_csv_rows(path) or []]
+            for path in sorted(sweep.rglob("metrics.csv"))}
+
+
+def bench_jobs(args, summary: list, console) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    counts = sorted({1, 4, 14} if device == "cuda" else {1, os.cpu_count() or 1})
+    epochs = 2 if args.quick else 20
+    methods = ["regularizer=none,dropout,batchnorm,mc_dropout"] if args.quick else []  # else all 14
+    name = torch.cuda.get_device_name(0) if device == "cuda" else args.cpu
+    console.print(f"[bold]jobs[/]: experiment=ablation_all epochs={epochs} on {name}, n_jobs {counts}")
+    rows, first = [], None
+    with tempfile.TemporaryDirectory(prefix="dropbench-bench-") as tmpdir:
+        for n in counts:
+            sweep = Path(tmpdir) / f"n{n}"
+            command = [*dropbench_command(), "train", "-m", "experiment=ablation_all", f"epochs={epochs}", *methods,
+                       f"device={device}", "threads=1", "progress=false", "hydra/launcher=joblib",
+                       f"hydra.launcher.n_jobs={n}", f"results_dir={sweep}", f"hydra.sweep.dir={sweep / 'sweep'}"]
+            with LOAD.measure():
+                t = time.perf_counter()
+                proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
+                wall = time.perf_counter() - t
+            if proc.returncode:
+                raise RuntimeError(f"jobs n_jobs={n} failed: {proc.stderr.strip()[-500:]}")
+            metrics = sweep_metrics(sweep / "sweep")
+            first = metrics if first is None else first
+            rows.append({"n_jobs": n, "wall_seconds": round(wall, 3), "runs": len(metrics),
+                         "identical_to_n_jobs_1": metrics == first, "device": name})
+    base = rows[0]["wall_seconds"]
+    summary += [{"section": "jobs", "metric": f"ablation_all_{epochs}_epochs_n_jobs_{r['n_jobs']}_s",
+                 "value": r["wall_seconds"], "unit": "s",
+                 "note": f"{r['runs']} runs, the whole sweep, {base / r['wall_seconds']:.2f}x n_jobs=1; metrics "
+                         f"identical to n_jobs=1: {r['identical_to_n_jobs_1']}; {name}"} for r in rows]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # startup: the light commands stay light
 # ----------------------------------------------------------------------------------------------
 _PROBE = """
@@ -758,6 +806,7 @@ SECTIONS = {  # name: (function, columns of its CSV file)
     "startup": (bench_startup, ["command", "round", "seconds", "exit_code", "imports_torch", "device"]),
     "replicas": (bench_replicas, ["variant", "round", "ms_per_step", "steps", "device"]),
     "gpu": (bench_gpu, ["case", "round", "seconds", "model_steps_per_s", "device"]),
+    "jobs": (bench_jobs, ["n_jobs", "wall_seconds", "runs", "identical_to_n_jobs_1", "device"]),
 }
 
 

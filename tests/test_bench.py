@@ -20,7 +20,7 @@ from conftest import read_csv
 from torch import nn
 
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-SECTIONS = ["epoch", "seeds", "plain", "startup", "replicas", "gpu"]
+SECTIONS = ["epoch", "seeds", "plain", "startup", "replicas", "gpu", "jobs"]
 RATIOS = ["speedup_textbook_over_dropbench", "fraction_of_peak", "parallel_8_over_single",
           "speedup_parallel_over_sequential_8", "dropbench_3_seeds_over_plain_1_seed", "speedup_vmap_over_separate_k8"]
 
@@ -82,7 +82,7 @@ def test_quick_bench_writes_summary(tmp_path):
     rows = read_csv(tmp_path / "summary.csv")
     summary = {row["metric"]: row for row in rows}
     assert {row["section"] for row in rows} == {"epoch", "efficiency", "seeds", "plain", "replicas", "gpu",
-                                                "machine", "memory"}
+                                                "jobs", "machine", "memory"}
     for metric in RATIOS:
         value = float(summary[metric]["value"])
         assert math.isfinite(value) and value > 0, (metric, value)
@@ -98,3 +98,6 @@ def test_quick_bench_writes_summary(tmp_path):
             assert section_rows == [] and summary["skipped"]["section"] == "gpu"
             continue
         assert section_rows and all(row["device"] for row in section_rows), name
+    # the same sweep one job at a time and several at once: 4 jobs x 3 seeds, the same numbers
+    jobs = read_csv(tmp_path / "jobs.csv")
+    assert jobs and all(r["runs"] == "12" and r["identical_to_n_jobs_1"] == "True" for r in jobs), jobs
