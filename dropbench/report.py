@@ -407,7 +407,8 @@ def label_groups(groups: pd.DataFrame, settings: list[str]) -> tuple[pd.Series, 
     the settings part alone (variant).
 
     A setting joins the label when it varies among the groups of one dataset/model/regularizer
-    and is not already implied by the label so far (e.g. cfg.regularizer.p moving with p).
+    and is not already implied by the label so far (e.g. cfg.regularizer.p moving with p), named
+    without its cfg. prefix, and a regularizer's own setting by its key alone (alpha=1.0).
     """
     p_part = groups["p"].where(groups["p"] == "", " p=" + groups["p"])
     name = groups["regularizer"] + p_part
@@ -416,8 +417,10 @@ def label_groups(groups: pd.DataFrame, settings: list[str]) -> tuple[pd.Series, 
         for col in settings:
             values = family[col].astype(str)
             if values.groupby(name[family.index]).nunique().max() > 1:
-                name[family.index] += " " + col + "=" + values
-                variant[family.index] += " " + col + "=" + values
+                key = col.removeprefix("cfg.regularizer.") if col.startswith("cfg.regularizer.") else \
+                    col.removeprefix("cfg.")
+                name[family.index] += " " + key + "=" + values
+                variant[family.index] += " " + key + "=" + values
     return groups["dataset"] + "/" + groups["model"] + " " + name, name, variant.str.strip()
 
 

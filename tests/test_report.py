@@ -280,8 +280,8 @@ def test_label_names_cfg_setting_that_varies(tmp_path):
                      cfg={"cfg.regularizer.alpha": alpha, "cfg.regularizer.p": "0.5"})
     labels = sorted(build(tmp_path).groups["label"])
     # cfg.regularizer.p is the same everywhere and cfg.seed varies within a group: neither is named
-    assert labels == ["mnist/mlp rdrop p=0.5 cfg.regularizer.alpha=0.5",
-                      "mnist/mlp rdrop p=0.5 cfg.regularizer.alpha=1.0"]
+    assert labels == ["mnist/mlp rdrop p=0.5 alpha=0.5",
+                      "mnist/mlp rdrop p=0.5 alpha=1.0"]
 
 
 # -- tuned comparison: settings selected on validation ----------------------------------------------
