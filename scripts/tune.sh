@@ -52,7 +52,7 @@ if [ "$stage" != select ]; then
   [ -f "$tuned" ] || { echo "tune.sh: $tuned not found; run --stage select first (it needs a method with" \
                             "several settings)" >&2; exit 1; }
   # Each selected group's job overrides (from the job's .hydra/overrides.yaml), one shell-quoted line per
-  # method; the seeds are left out: they are replaced by the fresh ones.
+  # method; the seeds and the results folder are left out: replaced by the fresh seeds and this call's folder.
   selected=$(python - "$tuned" "$select_dir" <<'EOF'
 import csv
 import shlex
@@ -77,14 +77,15 @@ with open(tuned, newline="") as f:
         elif row["group_key"] not in overrides:
             sys.exit(f"tune.sh: no job folder with overrides for {row['label']} under {sweep}")
         else:
-            kept = [o for o in overrides[row["group_key"]] if o.split("=")[0].lstrip("+~") not in ("seed", "parallel_seeds")]
+            replaced = ("seed", "parallel_seeds", "results_dir")  # fresh seeds; this call's results folder
+            kept = [o for o in overrides[row["group_key"]] if o.split("=")[0].lstrip("+~") not in replaced]
             print(shlex.join(kept))
 EOF
   )
   while IFS= read -r line; do
     [ -n "$line" ] || continue
     eval "job=($line)"
-    dropbench train -m "${job[@]}" "seed=$confirm_seed" "parallel_seeds=$confirm_seeds" \
+    dropbench train -m "${job[@]}" "seed=$confirm_seed" "parallel_seeds=$confirm_seeds" "results_dir=$results" \
       "hydra.sweep.dir=$results/sweeps/tune_confirm" "$@"
   done <<< "$selected"
   dropbench report "$results/sweeps/tune_confirm" --out "$results/reports/tune_confirm"

@@ -105,6 +105,8 @@ def test_tune_script_selects_on_validation_then_reruns_the_selection_on_fresh_se
         assert {row["group_key"] for row in rows} == {tuned[method]["group_key"]}
         assert sorted(int(row["seed"]) for row in rows) == [100, 101, 102, 103, 104]
         assert all(row["status"] == "ok" for row in rows)
+    configs = list((res / "sweeps" / "tune_confirm").glob("*/.hydra/config.yaml"))
+    assert len(configs) == 2 and all(OmegaConf.load(c).results_dir == str(res) for c in configs)
     final = read_csv(res / "reports" / "tune_confirm" / "comparison.csv")
     assert sorted((row["regularizer"], row["n"]) for row in final) == [("dropout", "5"), ("none", "5")]
 
