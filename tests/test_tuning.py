@@ -81,7 +81,7 @@ def test_tune_script_selects_on_validation_then_reruns_the_selection_on_fresh_se
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "tune.sh"), "--results", str(tmp_path / "res"),
-                           "--methods", "none dropout", *tiny(npz)],
+                           "--methods", "none dropout", "--jobs", "2", *tiny(npz)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = tmp_path / "res"
@@ -115,6 +115,8 @@ def test_tune_script_refuses_an_unknown_method_and_a_missing_selection(tmp_path)
     script = str(ROOT / "scripts" / "tune.sh")
     unknown = subprocess.run(["bash", script, "--methods", "dropout nope"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "no grid conf/experiment/tune/nope.yaml" in unknown.stderr
+    no_jobs = subprocess.run(["bash", script, "--jobs", "0"], capture_output=True, text=True)
+    assert no_jobs.returncode == 2 and "--jobs 0; give a positive number" in no_jobs.stderr
     missing = subprocess.run(["bash", script, "--results", str(tmp_path), "--stage", "confirm"],
                              capture_output=True, text=True)
     assert missing.returncode == 1 and "run --stage select first" in missing.stderr
