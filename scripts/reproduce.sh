@@ -2,7 +2,7 @@
 # Re-create every committed report under results/reports/ from scratch with dropbench itself.
 #
 #   bash scripts/reproduce.sh [NAME ...]      NAME: mnist1d_baselines d2l_dropout ablation_all ablation_cnn p_sweep
-#                                                   tuned_mlp tuned_cnn
+#                                                   tuned_mlp tuned_cnn tuned_both
 #
 # Each experiment trains into results/sweeps/NAME (finished jobs are skipped on a re-run), then
 # `dropbench report` writes results/reports/NAME/ and copies the runs it read into
@@ -10,14 +10,15 @@
 # tuned_mlp and tuned_cnn run scripts/tune.sh (docs/tuning.md) for the MLP and the CNN: the
 # selection report goes to results/reports/NAME/select (its runs' summaries and configs only: the
 # learning curves of a few hundred runs are left out), the confirmation on fresh seeds to
-# results/reports/NAME/confirm (with every curve).
+# results/reports/NAME/confirm (with every curve). tuned_both reports both confirmations together
+# (the interquartile mean across the two tasks); it reads the runs the other two committed.
 # Jobs run two at a time with one torch thread each (joblib launcher): the first five reports take
 # about 45 minutes on 2 cores, each tuned one a few hours (docs/tuning.md says how long).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(mnist1d_baselines d2l_dropout ablation_all ablation_cnn p_sweep tuned_mlp tuned_cnn)
+[ ${#names[@]} -gt 0 ] || names=(mnist1d_baselines d2l_dropout ablation_all ablation_cnn p_sweep tuned_mlp tuned_cnn tuned_both)
 parallel=(hydra/launcher=joblib hydra.launcher.n_jobs=2)
 
 copy_runs() {  # copy_runs SWEEP_DIR REPORT_DIR FILE...: the runs' files (no checkpoints) beside a report
@@ -42,6 +43,11 @@ for name in "${names[@]}"; do
         overrides.yaml
       copy_runs "results/sweeps/$name/sweeps/tune_confirm" "$PWD/results/reports/$name/confirm" summary.csv \
         metrics.csv config.yaml overrides.yaml
+      continue ;;
+    tuned_both)
+      rm -rf results/reports/tuned_both
+      dropbench report results/reports/tuned_mlp/confirm/runs results/reports/tuned_cnn/confirm/runs \
+        --out results/reports/tuned_both
       continue ;;
     # d2l's FashionMNIST setup, run on the offline MNIST-1D data, with and without its dropout
     d2l_dropout) dropbench train -m experiment=d2l_dropout dataset=mnist1d regularizer=none,dropout \
