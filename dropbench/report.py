@@ -417,10 +417,9 @@ def label_groups(groups: pd.DataFrame, settings: list[str]) -> tuple[pd.Series, 
         for col in settings:
             values = family[col].astype(str)
             if values.groupby(name[family.index]).nunique().max() > 1:
-                key = col.removeprefix("cfg.regularizer.") if col.startswith("cfg.regularizer.") else \
-                    col.removeprefix("cfg.")
-                name[family.index] += " " + key + "=" + values
-                variant[family.index] += " " + key + "=" + values
+                part = " " + col.removeprefix("cfg.").removeprefix("regularizer.") + "=" + values
+                name[family.index] += part
+                variant[family.index] += part
     return groups["dataset"] + "/" + groups["model"] + " " + name, name, variant.str.strip()
 
 
