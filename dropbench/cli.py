@@ -206,6 +206,8 @@ def train(argv: list[str]) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     failures, started = [], time.time()
 
+    _register_fold_launcher()
+
     @hydra.main(version_base="1.3", config_path=f"pkg://{conf_package}", config_name="config")
     def job(cfg) -> float:
         from hydra.core.hydra_config import HydraConfig
@@ -215,35 +217,42 @@ def train(argv: list[str]) -> None:
         multirun = hc.mode.name == "MULTIRUN"
         # a sweeper other than Hydra's grid (e.g. Optuna) optimizes the score the job returns
         optimizing = multirun and not str(hc.sweeper.get("_target_", "")).endswith(".BasicSweeper")
+        jobs = [(cfg, output_dir)]
         try:
             check_run_config(cfg)  # cheap checks before torch is imported
             check_writable(cfg.results_dir)
             if optimizing and not cfg.dataset.get("val_fraction"):
                 raise UserError("dataset.val_fraction=0 holds out no validation data, and a search is scored on "
                                 "validation accuracy only (never on test data); set dataset.val_fraction in (0, 1)")
-            from dropbench.runs import train_job
+            from dropbench.fold import folded_with
+            from dropbench.runs import train_jobs
 
-            result = train_job(cfg, output_dir, multirun, _parallel_jobs(hc) if multirun else 1,
-                               job_num=hc.job.num if multirun else 0)
+            jobs += folded_with(hc.job.num) if multirun else []
+            results = train_jobs(jobs, multirun, _parallel_jobs(hc) if multirun else 1,
+                                 job_num=hc.job.num if multirun else 0)
         except OSError as error:
             if error.errno != errno.ENOSPC:
                 raise
             fail("train", _no_space(error), code=1)
         except UserError as error:  # one line and exit 2 (SystemExit passes Hydra's and joblib's handlers)
-            remove_if_only_hydra(output_dir, Path(cfg.results_dir))
+            for _, folder in jobs:
+                remove_if_only_hydra(folder, Path(cfg.results_dir))
             fail("train", str(error))
         except KeyboardInterrupt:  # stopped before the run had written anything: leave no empty run dir
-            remove_if_only_hydra(output_dir, Path(cfg.results_dir))
+            for _, folder in jobs:
+                remove_if_only_hydra(folder, Path(cfg.results_dir))
             raise
-        if result.run_dir != output_dir or result.status == "skipped":
-            remove_if_only_hydra(output_dir, Path(cfg.results_dir))
+        for (job_cfg, folder), result in zip(jobs, results):
+            if result.run_dir != folder or result.status == "skipped":
+                remove_if_only_hydra(folder, Path(job_cfg.results_dir))
+            if result.status == "failed":
+                failures.append(result.run_dir)
+                print(f"dropbench train: run failed, recorded in {result.run_dir}/summary.csv", file=sys.stderr)
+            elif result.status != "skipped":
+                detail = f" ({result.accuracy})" if result.accuracy else ""
+                print(f"dropbench train: {result.status}{detail}: {result.run_dir}")
+        result = results[0]
         SweepCallback.last_status = result.status
-        if result.status == "failed":
-            failures.append(result.run_dir)
-            print(f"dropbench train: run failed, recorded in {result.run_dir}/summary.csv", file=sys.stderr)
-        elif result.status != "skipped":
-            detail = f" ({result.accuracy})" if result.accuracy else ""
-            print(f"dropbench train: {result.status}{detail}: {result.run_dir}")
         score = job_score(cfg, [result.run_dir, output_dir])  # output_dir: copies of seeds finished earlier
         if optimizing and math.isnan(score):
             # an exception is how a Hydra sweeper learns of a failed trial (Optuna 2 aborts on a NaN value)
@@ -282,6 +291,20 @@ def train(argv: list[str]) -> None:
             print(_sweep_line(statuses, sweep_dir))
     if failures:
         sys.exit(1)
+
+
+FOLD_LAUNCHER = "hydra_plugins.dropbench_fold.fold_launcher.FoldLauncher"
+
+
+def _register_fold_launcher() -> None:
+    """Make dropbench's launcher known to Hydra. Hydra finds plugins by listing the hydra_plugins
+    package, which does not list a package installed in editable mode (pip install -e); importing
+    it by name works in both kinds of install."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.dropbench_fold.fold_launcher import FoldLauncher
+
+    Plugins.instance().class_name_to_class.setdefault(FOLD_LAUNCHER, FoldLauncher)
 
 
 def job_score(cfg, dirs: list[Path]) -> float:

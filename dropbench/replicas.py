@@ -12,6 +12,10 @@ seed k's data order and seed k's random masks: dropbench's random layers draw th
 draws the single run of seed k makes. What is not the same is the arithmetic: vmap turns R
 matrix products into one batched product, whose rounding can differ in the last bits (see the
 README for what agrees on which device).
+
+A folded sweep trains jobs that differ only in seeds and in a regularizer's numeric settings as
+one set of replicas: a setting that differs between the replicas' models (a layer's dropout rate)
+is held by the template as a `PerReplica` tuple, and replica k's forward pass uses value k.
 """
 
 from __future__ import annotations
@@ -21,6 +25,45 @@ from functools import partial
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+
+
+class PerReplica(tuple):
+    """The values of one setting in a folded sweep, one per replica: replica k trains with value k."""
+
+    def __repr__(self) -> str:
+        return f"PerReplica{tuple(self)!r}"
+
+
+def replica_map(f, *values):
+    """f applied to the values: per replica when one of them is PerReplica, else once."""
+    if not any(isinstance(v, PerReplica) for v in values):
+        return f(*values)
+    count = max(len(v) for v in values if isinstance(v, PerReplica))
+    return PerReplica(f(*(v[k] if isinstance(v, PerReplica) else v for v in values)) for k in range(count))
+
+
+def replica_tensor(value, like: torch.Tensor):
+    """A setting as a factor for per-replica tensors [R, ...] outside vmap (losses, penalties,
+    projections): the number itself, or for PerReplica values a tensor [R, 1, ...] shaped to
+    broadcast against `like`."""
+    if not isinstance(value, PerReplica):
+        return value
+    return torch.tensor(value, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+def fold_settings(models: list[nn.Module]) -> bool:
+    """Into the first model (the template that runs every replica): each layer setting that differs
+    between the models, as PerReplica; whether there was one. A layer names its foldable settings in
+    `replica_settings`."""
+    folded = False
+    others = [dict(m.named_modules()) for m in models[1:]]
+    for name, layer in models[0].named_modules():
+        for setting in getattr(layer, "replica_settings", ()):
+            values = PerReplica([getattr(layer, setting), *(getattr(m[name], setting) for m in others)])
+            if any(v != values[0] for v in values):
+                setattr(layer, setting, values)
+                folded = True
+    return folded
 
 
 class ReplicaGenerators:
@@ -52,8 +95,8 @@ class ReplicaGenerators:
 
 
 class _ReplicaSample(torch.autograd.Function):
-    """A random tensor of a given shape, filled by `fill(out, generator)` from the running
-    replica's own generator.
+    """A random tensor of a given shape, filled by `fill(out, generator, k)` from the running
+    replica k's own generator.
 
     Called once per replica (R = 1) it draws from generator 0; under vmap over R replicas its
     vmap rule fills slice k from generator k, the same numbers replica k's single run draws.
@@ -68,7 +111,7 @@ class _ReplicaSample(torch.autograd.Function):
             raise RuntimeError(f"a random layer ran on input shared by {len(generators)} replicas; "
                                f"give each replica its own input ([R, B, ...])")
         out = torch.empty(shape, device=like.device, dtype=like.dtype)
-        fill(out, generators.masks[0])
+        fill(out, generators.masks[0], 0)
         return out
 
     @staticmethod
@@ -85,33 +128,42 @@ class _ReplicaSample(torch.autograd.Function):
             raise RuntimeError(f"{info.batch_size} replicas in vmap but {len(generators)} generators")
         out = torch.empty(info.batch_size, *shape, device=like.device, dtype=like.dtype)
         for k, g in enumerate(generators.masks):
-            fill(out[k], g)
+            fill(out[k], g, k)
         return out, 0
 
 
 def replica_sample(like: torch.Tensor, shape: tuple[int, ...], generators: ReplicaGenerators, fill) -> torch.Tensor:
-    """A sample of `shape` that `fill(out, generator)` writes, from the running replica's generator.
+    """A sample of `shape` that `fill(out, generator, k)` writes, from the running replica k's generator.
 
     Args:
         like: any tensor of the current forward pass (it tells the device, dtype and, under vmap,
             the replica dimension).
         shape: the shape of one replica's sample.
         generators: the run's ReplicaGenerators.
-        fill: fills a tensor of `shape` in place from a torch.Generator.
+        fill: fills a tensor of `shape` in place from a torch.Generator, for replica k.
     """
     if len(generators) == 1:  # a single run is never vmapped: skip the Function (~0.2 ms a call on a CPU)
         out = torch.empty(shape, device=like.device, dtype=like.dtype)
-        fill(out, generators.masks[0])
+        fill(out, generators.masks[0], 0)
         return out
     return _ReplicaSample.apply(like, tuple(shape), fill, generators)
 
 
-def _uniform(out: torch.Tensor, generator: torch.Generator) -> None:
+def _uniform(out: torch.Tensor, generator: torch.Generator, replica: int) -> None:
     out.uniform_(generator=generator)
 
 
-def _normal(out: torch.Tensor, generator: torch.Generator) -> None:
+def _normal(out: torch.Tensor, generator: torch.Generator, replica: int) -> None:
     out.normal_(generator=generator)
+
+
+def replica_value(value, like: torch.Tensor, generators: ReplicaGenerators):
+    """A setting inside the replicas' forward pass: the number itself, or for PerReplica values
+    the running replica's value (a 0-d tensor of `like`'s dtype; one per replica under vmap, where
+    `like` must be batched over the replicas, as every input is when settings are folded)."""
+    if not isinstance(value, PerReplica):
+        return value
+    return replica_sample(like, (), generators, lambda out, generator, k: out.fill_(value[k]))
 
 
 def replica_random(like: torch.Tensor, shape: tuple[int, ...], generators: ReplicaGenerators,
@@ -133,14 +185,17 @@ def mask_keep_probability(keep: float) -> float:
     return min(max(round(keep * MASK_LEVELS), 0), MASK_LEVELS) / MASK_LEVELS
 
 
-def keep_mask(like: torch.Tensor, shape: tuple[int, ...], generators: ReplicaGenerators, keep: float,
-              scale: float = 1.0) -> torch.Tensor:
+def keep_mask(like: torch.Tensor, shape: tuple[int, ...], generators: ReplicaGenerators, keep,
+              scale=1.0) -> torch.Tensor:
     """A mask of `shape` holding `scale` with probability `keep` (see MASK_LEVELS) and 0 otherwise,
-    from the running replica's generator; inverted dropout is x * keep_mask(x, x.shape, g, 1 - p, 1 / (1 - p))."""
+    from the running replica's generator; inverted dropout is x * keep_mask(x, x.shape, g, 1 - p, 1 / (1 - p)).
+    `keep` and `scale` may be PerReplica."""
     return replica_sample(like, shape, generators, partial(_fill_keep_mask, keep=keep, scale=scale))
 
 
-def _fill_keep_mask(out: torch.Tensor, generator: torch.Generator, keep: float, scale: float) -> None:
+def _fill_keep_mask(out: torch.Tensor, generator: torch.Generator, replica: int, keep, scale) -> None:
+    keep = keep[replica] if isinstance(keep, PerReplica) else keep
+    scale = scale[replica] if isinstance(scale, PerReplica) else scale
     n = out.numel()
     words = torch.empty(-(-n // 4), dtype=torch.int64, device=out.device)
     words.random_(-(1 << 63), None, generator=generator)  # the stream never depends on keep
@@ -161,12 +216,16 @@ class Replicas:
 
     Args:
         models: the R copies, already built (replica k with seed k) and on the device; the first
-            one becomes the template that runs every replica's parameters (its own are dropped).
+            one becomes the template that runs every replica's parameters (its own are dropped) and
+            holds the layer settings that differ between them as PerReplica values.
     """
 
     def __init__(self, models: list[nn.Module]):
         self.module = models[0]
         self.count = len(models)
+        # a layer reads a PerReplica setting through an input batched over the replicas: with folded
+        # settings, evaluation gives each replica its own view of the shared inputs
+        self.folded = fold_settings(models)
         if self.count == 1:
             self.params = dict(self.module.named_parameters())
             self.buffers = dict(self.module.named_buffers())
@@ -193,6 +252,8 @@ class Replicas:
         """Logits [R, B, C] of inputs [B, ...] that every replica sees (evaluation)."""
         if self.count == 1:
             return self.module(x).unsqueeze(0)
+        if self.folded:
+            return self._own_inputs(self.params, self.buffers, x.expand(self.count, *x.shape))
         return self._shared_inputs(self.params, self.buffers, x)
 
     def parameters(self) -> list[torch.Tensor]:

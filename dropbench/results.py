@@ -250,6 +250,12 @@ def write_checkpoint_info(run_dir: Path, run_keys: list[str], replica_dirs: list
     write_atomic(run_dir / CHECKPOINT_INFO, text)
 
 
+def read_checkpoint_info(run_dir: Path) -> dict[str, str]:
+    """Where each replica of a checkpointed run writes: {run_key: folder relative to run_dir}."""
+    info = json.loads((Path(run_dir) / CHECKPOINT_INFO).read_text(encoding="utf-8"))
+    return dict(zip(info["run_keys"], info.get("replica_dirs") or ["."]))
+
+
 def find_resumable(results_dir: str, run_keys: list[str], device_type: str) -> Path | None:
     """The most recently checkpointed run under `results_dir` with exactly these run keys that has
     not finished (some replica without an ok/diverged summary), or None."""

@@ -37,6 +37,7 @@ from dropbench.results import (
     find_finished,
     find_resumable,
     identity,
+    read_checkpoint_info,
     read_summary,
     remove_if_only_hydra,
     remove_quietly,
@@ -53,17 +54,32 @@ CHECKPOINT_FORMAT = 2
 
 @dataclass
 class SeedRun:
-    """What one seed's run has produced so far."""
+    """What one seed's run (one replica) has produced so far."""
 
     seed: int
     run_key: str
     group_key: str
     out_dir: Path
+    job: int = 0  # which of the jobs trained together it belongs to
     rows: list = field(default_factory=list)
     epochs: int = 0  # epochs trained and recorded (metrics rows only on evaluated epochs)
     status: str = "running"
     diverged_epoch: int | None = None
     error: str = ""
+
+
+@dataclass
+class Job:
+    """One Hydra job: its config, its Hydra output folder, and the seeds it trains."""
+
+    cfg: DictConfig
+    output_dir: Path
+    config: dict = field(default_factory=dict)  # cfg resolved
+    seeds: list = field(default_factory=list)
+    run_dir: Path | None = None  # where its results go
+
+    def seed_dir(self, run_dir: Path, seed: int) -> Path:
+        return run_dir / f"seed_{seed}" if self.cfg.parallel_seeds > 1 else run_dir
 
 
 @dataclass
@@ -97,62 +113,88 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
 
     Raises UserError before anything is written if the config is invalid.
     """
-    check_run_config(cfg)
-    check_writable(cfg.results_dir)
-    check_writable(str(output_dir))
-    device = resolve_device(cfg.device, job_num)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    seeds = [cfg.seed + k for k in range(cfg.parallel_seeds)]
+    return train_jobs([(cfg, output_dir)], multirun, parallel_jobs, job_num)[0]
 
-    def seed_dir(run_dir: Path, seed: int) -> Path:
-        return run_dir / f"seed_{seed}" if cfg.parallel_seeds > 1 else run_dir
+
+def train_jobs(jobs: list[tuple[DictConfig, Path]], multirun: bool, parallel_jobs: int = 1,
+               job_num: int = 0) -> list[JobResult]:
+    """Train jobs (config, Hydra output folder) together as one set of replicas, each of their seeds
+    one replica, and return how each ended: one job, or the jobs of a folded sweep (dropbench.fold),
+    which differ only in seeds and in the regularizer's numeric settings. The first job's config
+    decides how they run (device, threads, epochs, checkpoints); each seed writes its own results
+    into its own job's folder, as if trained alone.
+    """
+    jobs = [Job(c, Path(d)) for c, d in jobs]
+    for job in jobs:
+        check_run_config(job.cfg)
+        check_writable(job.cfg.results_dir)
+        check_writable(str(job.output_dir))
+        job.config = OmegaConf.to_container(job.cfg, resolve=True)
+        job.seeds = [job.cfg.seed + k for k in range(job.cfg.parallel_seeds)]
+    cfg = jobs[0].cfg
+    device = resolve_device(cfg.device, job_num)
 
     if (multirun or cfg.resume) and not cfg.force:  # a re-run skips what already finished
-        done = {s: find_finished(cfg.results_dir, identity(config, s)[0]) for s in seeds}
-        for s, where in done.items():
-            if where is not None:  # the sweep directory still gets the run's results, so it reports whole
-                copy_run(where, seed_dir(output_dir, s))
-                print(f"dropbench: seed {s} of this job already finished in {where}; not trained again, "
-                      f"its results copied (force=true re-runs)")
-        seeds = [s for s in seeds if done[s] is None]
-        if not seeds:
-            return JobResult("skipped", output_dir)
-    keys = {s: identity(config, s) for s in seeds}
-    run_keys = [keys[s][0] for s in seeds]
-    if submitit_signal() is not None and find_resumable(str(output_dir), run_keys, device.type) == output_dir:
+        for job in jobs:
+            done = {s: find_finished(job.cfg.results_dir, identity(job.config, s)[0]) for s in job.seeds}
+            for s, where in done.items():
+                if where is not None:  # the sweep directory still gets the run's results, so it reports whole
+                    copy_run(where, job.seed_dir(job.output_dir, s))
+                    which = f"job {job.output_dir.name}" if len(jobs) > 1 else "this job"
+                    print(f"dropbench: seed {s} of {which} already finished in {where}; not trained again, "
+                          f"its results copied (force=true re-runs)")
+            job.seeds = [s for s in job.seeds if done[s] is None]
+    if not any(job.seeds for job in jobs):
+        return [JobResult("skipped", job.output_dir) for job in jobs]
+    training = [job for job in jobs if job.seeds]
+    keys = {(j, s): identity(job.config, s) for j, job in enumerate(jobs) for s in job.seeds}
+    run_keys = [key[0] for key in keys.values()]
+    home = training[0].output_dir  # the checkpoint's folder
+    if submitit_signal() is not None and find_resumable(str(home), run_keys, device.type) == home:
         # a submitit job started again after a timeout or preemption (requeued by submitit or by Slurm) finds
         # its checkpoint in its own folder: it continues, with the numbers of a run that never stopped
-        found = output_dir
+        found = home
     else:
         found = find_resumable(cfg.results_dir, run_keys, device.type)
         if found is not None and not cfg.resume:
-            if found != output_dir:
+            if found != home:
                 print(f"dropbench: an unfinished run of this job has a checkpoint in {found}; starting afresh "
                       f"(resume=true continues it instead)")
             found = None
         elif cfg.resume and found is None:
             print("dropbench: resume=true but no unfinished run of this config has a checkpoint; starting afresh")
-    if found is not None and found != output_dir:  # the run goes on in its own directory
-        remove_if_only_hydra(output_dir, Path(cfg.results_dir))
-    run_dir = found or output_dir
-    if found is None:
-        run_dir = free_run_dir(run_dir, [seed_dir(run_dir, s) for s in seeds], keys, cfg, multirun)
+    if found is not None:  # the runs go on where they were
+        where = {key: Path(os.path.normpath(found / folder)) for key, folder in read_checkpoint_info(found).items()}
+        for j, job in enumerate(jobs):
+            for s in job.seeds:
+                job.run_dir = where[keys[j, s][0]].parent if job.cfg.parallel_seeds > 1 else where[keys[j, s][0]]
+        out_dirs = {(j, s): where[keys[j, s][0]] for j, s in keys}
+        home = found
+    else:
+        for job in training:
+            job.run_dir = free_run_dir(job.output_dir, [job.seed_dir(job.output_dir, s) for s in job.seeds],
+                                       {s: keys[jobs.index(job), s] for s in job.seeds}, job.cfg, multirun)
+        out_dirs = {(j, s): job.seed_dir(job.run_dir, s) for j, s in keys for job in [jobs[j]]}
+        home = training[0].run_dir
+    for job in training:
+        if job.run_dir != job.output_dir:  # its results go on elsewhere
+            remove_if_only_hydra(job.output_dir, Path(job.cfg.results_dir))
     threads = threads_for_job(cfg.threads, parallel_jobs)
     torch.set_num_threads(threads)
 
-    runs = [SeedRun(s, *keys[s], seed_dir(run_dir, s)) for s in seeds]
-    state = {"run_dir": run_dir, "started_at": _now(), "resumed_from": None, "earlier_seconds": 0.0,
+    runs = [SeedRun(s, *keys[j, s], out_dirs[j, s], job=j) for j, s in keys]
+    state = {"run_dir": home, "started_at": _now(), "resumed_from": None, "earlier_seconds": 0.0,
              "train_seconds": 0.0}
     run, started, t_start, trackers, disk_full = None, False, time.perf_counter(), [], None
     with signals_interrupt():
         try:
-            run = build_run(cfg, device, seeds)
+            run = build_run(cfg, device, [r.seed for r in runs], [jobs[r.job].cfg.regularizer for r in runs])
             if found is not None:
                 _restore(state, runs, run)
             else:
-                _start_afresh(run_dir, runs)
-            started = True  # from here on the run directory tells how far it got
-            trackers = _open_trackers(cfg, config, runs, output_dir, multirun)
+                _start_afresh(home, runs)
+            started = True  # from here on the run directories tell how far they got
+            trackers = _open_trackers(jobs, runs, multirun)
             with _progress(cfg, len(runs)) as progress:
                 def on_epoch(epoch, mean_loss, metrics, train_seconds, eval_seconds) -> bool:
                     state["train_seconds"] += train_seconds
@@ -172,7 +214,7 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
                     for seed_run in runs:  # the signal may have cut the last metrics.csv write short
                         if seed_run.rows:
                             write_csv(seed_run.out_dir / "metrics.csv", seed_run.rows, METRICS_COLUMNS)
-                    _close(cfg, config, run, state, runs, trackers, time.perf_counter() - t_start, device, threads)
+                    _close(jobs, run, state, runs, trackers, time.perf_counter() - t_start, device, threads)
             raise
         except Exception as error:  # a crash is recorded as a failed run so that a sweep goes on
             if not started and isinstance(error, UserError):
@@ -181,18 +223,25 @@ def train_job(cfg: DictConfig, output_dir: Path, multirun: bool, parallel_jobs: 
             disk_full = error if isinstance(error, DiskFull) else None
         else:
             _finish(runs, "ok", "")
-        _close(cfg, config, run, state, runs, trackers, time.perf_counter() - t_start, device, threads)
+        _close(jobs, run, state, runs, trackers, time.perf_counter() - t_start, device, threads)
         if disk_full is not None:  # recorded as failed where it could be; the command must not go on
             raise disk_full
     _finish(runs, "interrupted", "")  # stopped by submitit's signal and not requeued (signals_interrupt)
     statuses = {r.status for r in runs}
     if statuses <= {"ok", "diverged"} and not cfg.keep_checkpoint:  # nothing left to continue
-        remove_quietly(run_dir / CHECKPOINT, run_dir / CHECKPOINT_INFO)
+        remove_quietly(home / CHECKPOINT, home / CHECKPOINT_INFO)
+    return [_job_result(job, [r for r in runs if r.job == j]) for j, job in enumerate(jobs)]
+
+
+def _job_result(job: Job, runs: list[SeedRun]) -> JobResult:
+    if not runs:
+        return JobResult("skipped", job.output_dir)
+    statuses = {r.status for r in runs}
     status = ("failed" if "failed" in statuses else "interrupted" if "interrupted" in statuses
               else "diverged" if statuses == {"diverged"} else "ok")
     accuracy = ", ".join(f"seed {r.seed} test acc {_last(r.rows, 'test', 'accuracy'):.3f}"
                          for r in runs if _last(r.rows, "test", "accuracy") is not None)
-    return JobResult(status, run_dir, accuracy)
+    return JobResult(status, job.run_dir, accuracy)
 
 
 def _record_epoch(runs: list[SeedRun], trackers: list, epoch: int, stopped: list[bool], metrics: dict,
@@ -218,16 +267,19 @@ def _record_epoch(runs: list[SeedRun], trackers: list, epoch: int, stopped: list
                                           for split, values in metrics.items() for k, v in values.items()})
 
 
-def _open_trackers(cfg, config: dict, runs: list[SeedRun], output_dir: Path, multirun: bool) -> list:
+def _open_trackers(jobs: list[Job], runs: list[SeedRun], multirun: bool) -> list:
     """One tracker run per seed (TensorBoard, MLflow, W&B as the `logger` group says), grouped by sweep."""
-    if not cfg.get("logger"):
+    if not jobs[0].cfg.get("logger"):
         return []
     from dropbench.trackers import Trackers
 
-    group = output_dir.parent.name if multirun else "runs"
-    hyperparameters = settings(config)
-    return [Trackers.open(cfg.logger, run_name=f"{output_dir.name}-seed{r.seed}", group=group,
-                          config={**hyperparameters, "seed": r.seed}, out_dir=r.out_dir) for r in runs]
+    trackers = []
+    for r in runs:
+        job = jobs[r.job]
+        group = job.output_dir.parent.name if multirun else "runs"
+        trackers.append(Trackers.open(job.cfg.logger, run_name=f"{job.output_dir.name}-seed{r.seed}", group=group,
+                                      config={**settings(job.config), "seed": r.seed}, out_dir=r.out_dir))
+    return trackers
 
 
 def free_run_dir(run_dir: Path, seed_dirs: list[Path], keys: dict, cfg, multirun: bool) -> Path:
@@ -261,26 +313,27 @@ def _finish(runs: list[SeedRun], status: str, error: str) -> None:
             seed_run.status, seed_run.error = status, error
 
 
-def _close(cfg, config, run: Run | None, state: dict, runs: list[SeedRun], trackers: list, wall_seconds: float,
+def _close(jobs: list[Job], run: Run | None, state: dict, runs: list[SeedRun], trackers: list, wall_seconds: float,
            device, threads: int) -> None:
     """However a run ended: each seed's summary.csv, then its trackers told the status."""
-    _write_summaries(cfg, config, run, state, runs, wall_seconds, device, threads)
+    _write_summaries(jobs, run, state, runs, wall_seconds, device, threads)
     for seed_run, tracker in zip(runs, trackers):
         tracker.finish(seed_run.status)
 
 
-def _write_summaries(cfg, config, run: Run | None, state: dict, runs: list[SeedRun], wall_seconds: float, device,
+def _write_summaries(jobs: list[Job], run: Run | None, state: dict, runs: list[SeedRun], wall_seconds: float, device,
                      threads: int) -> None:
-    if run is not None:
-        name, reg_params = run.regs.name, run.regs.summary()
-    else:  # stopped before the regularizers were built
-        name, reg_params = "+".join(cfg.regularizer.get("methods") or {}) or "none", {"p": cfg.regularizer.get("p", "")}
-    p = reg_params.get("p", "")
-    p = "/".join(str(v) for v in p) if isinstance(p, (list, tuple)) or OmegaConf.is_list(p) else p
-    columns = SUMMARY_COLUMNS + sorted(config_columns(config))
     from dropbench.models import model_label
 
-    for seed_run in runs:
+    for k, seed_run in enumerate(runs):
+        cfg, config = jobs[seed_run.job].cfg, jobs[seed_run.job].config
+        if run is not None:
+            name, reg_params = run.regs.name, run.replica_regs[k].summary()
+        else:  # stopped before the regularizers were built
+            name = "+".join(cfg.regularizer.get("methods") or {}) or "none"
+            reg_params = {"p": cfg.regularizer.get("p", "")}
+        p = reg_params.get("p", "")
+        p = "/".join(str(v) for v in p) if isinstance(p, (list, tuple)) or OmegaConf.is_list(p) else p
         by_split = {s: [row for row in seed_run.rows if row["split"] == s] for s in ("train", "val", "test")}
         last = {s: rows[-1] if rows else {} for s, rows in by_split.items()}
         # the epoch selected on validation accuracy (the first of equals); test data take no part
@@ -309,7 +362,7 @@ def _write_summaries(cfg, config, run: Run | None, state: dict, runs: list[SeedR
             "threads": threads, "resumed_from_epoch": state["resumed_from"] or "",
             **config_columns({**config, "seed": seed_run.seed}),
         }
-        write_csv(seed_run.out_dir / "summary.csv", [summary], columns)
+        write_csv(seed_run.out_dir / "summary.csv", [summary], SUMMARY_COLUMNS + sorted(config_columns(config)))
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -334,8 +387,8 @@ def _save_checkpoint(state: dict, runs: list[SeedRun], run: Run, epoch: int, sec
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "generators": run.generators.state(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "seeds": [{"seed": r.seed, "status": r.status, "diverged_epoch": r.diverged_epoch, "rows": r.rows,
-                   "epochs": r.epochs} for r in runs],
+        "seeds": [{"seed": r.seed, "run_key": r.run_key, "status": r.status, "diverged_epoch": r.diverged_epoch,
+                   "rows": r.rows, "epochs": r.epochs} for r in runs],
     }
     # checkpoint.json first: a checkpoint.pt is never without it (resume ignores a json alone)
     write_checkpoint_info(state["run_dir"], [r.run_key for r in runs],
@@ -359,9 +412,10 @@ def _restore(state: dict, runs: list[SeedRun], run: Run) -> None:
         torch.set_rng_state(checkpoint["torch_rng"])  # random ops outside dropbench's layers draw from it
         if checkpoint["cuda_rng"] is not None:
             torch.cuda.set_rng_state(checkpoint["cuda_rng"], run.data.device)
-        saved = {r["seed"]: r for r in checkpoint["seeds"]}
+        # by run key: the replicas of a folded sweep may share a seed (dropbench 0.2's checkpoints have seeds only)
+        saved = {r.get("run_key", r["seed"]): r for r in checkpoint["seeds"]}
         for seed_run in runs:
-            r = saved[seed_run.seed]
+            r = saved.get(seed_run.run_key) or saved[seed_run.seed]
             seed_run.rows, seed_run.status, seed_run.diverged_epoch = r["rows"], r["status"], r["diverged_epoch"]
             seed_run.epochs = r["epochs"]
     except Exception as error:

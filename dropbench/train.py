@@ -33,10 +33,11 @@ DIVERGED_LOSS_FACTOR = 100
 class Run:
     data: Dataset
     model: Replicas
-    regs: Regularizers
+    regs: Regularizers  # every replica's methods, with PerReplica settings where they differ
     optimizer: torch.optim.Optimizer
     scheduler: object | None
     generators: ReplicaGenerators
+    replica_regs: list[Regularizers]  # replica k's methods as its config sets them (for its summary)
 
 
 def resolve_device(name: str, job_num: int = 0) -> torch.device:
@@ -63,21 +64,23 @@ def resolve_device(name: str, job_num: int = 0) -> torch.device:
     raise UserError(f"device={name!r} is not allowed; choose auto, cpu, cuda or cuda:N")
 
 
-def build_run(cfg, device: torch.device, seeds: list[int]) -> Run:
-    """Data, replicas, regularizers, optimizer and schedule from the config."""
+def build_run(cfg, device: torch.device, seeds: list[int], regularizers: list | None = None) -> Run:
+    """Data, replicas, regularizers, optimizer and schedule from the config: replica k trains seed
+    k with regularizer config regularizers[k] (a folded sweep; default cfg.regularizer for all)."""
     data: Dataset = build(cfg.dataset, "dataset", device=device)
     generators = ReplicaGenerators(seeds, device)
-    regs = build_regularizers(cfg.regularizer)
+    replica_regs = [build_regularizers(c) for c in regularizers or [cfg.regularizer] * len(seeds)]
     models = []
-    for seed in seeds:
+    for seed, regs in zip(seeds, replica_regs):
         torch.manual_seed(seed)  # built on the CPU: a seed gives the same initial weights on every device
         model = build_model(cfg.model, data.in_shape, data.num_classes)
         models.append(regs.attach(model, generators, model_label(cfg.model)).to(device))
     model = Replicas(models)
+    regs = replica_regs[0].folded(replica_regs)
     regs.bind(model)
     optimizer = build(cfg.optimizer, "optimizer", params=model.parameters())
     scheduler = build(cfg.schedule, "schedule", optimizer=optimizer) if "_target_" in cfg.schedule else None
-    return Run(data, model, regs, optimizer, scheduler, generators)
+    return Run(data, model, regs, optimizer, scheduler, generators, replica_regs)
 
 
 def train_epoch(run: Run, batch_size: int) -> torch.Tensor:

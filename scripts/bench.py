@@ -28,6 +28,10 @@ Sections (docs/speed.md says what each figure means). Everything but `gpu` runs 
   jobs      experiment=ablation_all (14 jobs x 3 seeds, 20 epochs) with Hydra's joblib launcher
             running 1, 4 and 14 jobs at once on one GPU (1 and one per core on a CPU): sweep wall
             time, and whether every run's numbers equal those of n_jobs=1
+  fold      a sweep of dropout rates x seeds (experiment=ablation_all's training; 20 epochs on a
+            CPU, 50 on a GPU), one job at a time (Hydra's basic launcher) vs hydra/launcher=fold
+            (one run of every job as replicas): command wall time, and the largest difference in a
+            run's final test accuracy between the two
 The real FashionMNIST files are used (full run only) when they are under $DROPBENCH_DATA (default
 ~/.cache/dropbench/data); otherwise random uint8 images are written once, in the real gzip'd IDX
 format, under $DROPBENCH_CACHE/bench (default ~/.cache/dropbench/bench) and read through
@@ -560,6 +564,61 @@ def bench_jobs(args, summary: list, console) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
+# fold: a sweep over seeds and a numeric setting, job by job vs folded into one run
+# ----------------------------------------------------------------------------------------------
+def final_test_accuracies(sweep: Path) -> dict[str, float]:
+    """Every run's final test accuracy below `sweep`, by run key."""
+    return {row["run_key"]: float(row["test_acc"]) for path in sorted(sweep.rglob("summary.csv"))
+            for row in read_csv_rows(path) or []}
+
+
+def bench_fold(args, summary: list, console) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    epochs = 2 if args.quick else 50 if device == "cuda" else 20
+    rates = "0.1,0.5" if args.quick else "0.05,0.1,0.2,0.3,0.5"
+    seeds = "0,1" if args.quick else "0,1,2"
+    name = torch.cuda.get_device_name(0) if device == "cuda" else args.cpu
+    sweep_args = ["experiment=ablation_all", "parallel_seeds=1", f"epochs={epochs}", "regularizer=dropout",
+                  f"regularizer.p={rates}", f"seed={seeds}"]
+    console.print(f"[bold]fold[/]: {' '.join(sweep_args)} on {name}: one job at a time vs hydra/launcher=fold")
+    rows, accuracies = [], {}
+    with tempfile.TemporaryDirectory(prefix="dropbench-bench-") as tmpdir:
+        for r in range(args.fold_rounds):
+            for launcher in ("basic", "fold") if r % 2 == 0 else ("fold", "basic"):  # interleaved, order rotating
+                sweep = Path(tmpdir) / f"{launcher}{r}"
+                command = [*dropbench_command(), "train", "-m", *sweep_args, f"hydra/launcher={launcher}",
+                           f"device={device}", "progress=false", f"results_dir={sweep}",
+                           f"hydra.sweep.dir={sweep / 's'}"]
+                with LOAD.measure():
+                    t = time.perf_counter()
+                    proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
+                    wall = time.perf_counter() - t
+                if proc.returncode:
+                    raise RuntimeError(f"fold {launcher} failed: {proc.stderr.strip()[-500:]}")
+                found = final_test_accuracies(sweep / "s")
+                if accuracies.setdefault(launcher, found) != found:
+                    raise RuntimeError(f"fold: the {launcher} sweep gave other numbers in round {r}")
+                rows.append({"launcher": launcher, "round": r, "wall_seconds": round(wall, 3), "runs": len(found),
+                             "device": name})
+    basic, fold = accuracies["basic"], accuracies["fold"]
+    same_runs = basic.keys() == fold.keys()
+    diff = max(abs(basic[k] - fold[k]) for k in basic) if same_runs else float("nan")
+    mean_diff = (sum(fold.values()) - sum(basic.values())) / len(basic) if same_runs else float("nan")
+    for row in rows:
+        row.update(same_run_keys=same_runs, max_abs_test_acc_diff=round(diff, 6))
+    walls = {launcher: med([r["wall_seconds"] for r in rows if r["launcher"] == launcher]) for launcher in accuracies}
+    summary += [
+        {"section": "fold", "metric": "speedup_fold_over_one_job_at_a_time", "value": walls["basic"] / walls["fold"],
+         "unit": "x", "note": f"{len(basic)} runs ({rates} x seeds {seeds}, {epochs} epochs), whole command, median "
+                              f"of {args.fold_rounds}: {walls['basic']:.1f} s job by job, {walls['fold']:.1f} s "
+                              f"folded; every round the same numbers; {name}"},
+        {"section": "fold", "metric": "max_abs_test_acc_diff", "value": diff, "unit": "",
+         "note": f"per run key, folded vs job by job (same run keys: {same_runs}); mean difference {mean_diff:+.4f}"},
+    ]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # startup: the light commands stay light
 # ----------------------------------------------------------------------------------------------
 _PROBE = """
@@ -807,6 +866,8 @@ SECTIONS = {  # name: (function, columns of its CSV file)
     "replicas": (bench_replicas, ["variant", "round", "ms_per_step", "steps", "device"]),
     "gpu": (bench_gpu, ["case", "round", "seconds", "model_steps_per_s", "device"]),
     "jobs": (bench_jobs, ["n_jobs", "wall_seconds", "runs", "identical_to_n_jobs_1", "device"]),
+    "fold": (bench_fold, ["launcher", "round", "wall_seconds", "runs", "same_run_keys", "max_abs_test_acc_diff",
+                          "device"]),
 }
 
 
@@ -879,6 +940,7 @@ def main(argv=None) -> int:
     args.startup_repeats = 2 if args.quick else 7
     args.replica_rounds = 3 if args.quick else 15
     args.gpu_rounds = 1 if args.quick else 3
+    args.fold_rounds = 1 if args.quick else 3
     args.peak_n = 1024 if args.quick else 2048
     args.cpu = cpu_model()
 

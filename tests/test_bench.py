@@ -20,9 +20,10 @@ from conftest import read_csv
 from torch import nn
 
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-SECTIONS = ["epoch", "seeds", "plain", "startup", "replicas", "gpu", "jobs"]
+SECTIONS = ["epoch", "seeds", "plain", "startup", "replicas", "gpu", "jobs", "fold"]
 RATIOS = ["speedup_textbook_over_dropbench", "fraction_of_peak", "parallel_8_over_single",
-          "speedup_parallel_over_sequential_8", "dropbench_3_seeds_over_plain_1_seed", "speedup_vmap_over_separate_k8"]
+          "speedup_fold_over_one_job_at_a_time", "speedup_parallel_over_sequential_8",
+          "dropbench_3_seeds_over_plain_1_seed", "speedup_vmap_over_separate_k8"]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_quick_bench_writes_summary(tmp_path):
     rows = read_csv(tmp_path / "summary.csv")
     summary = {row["metric"]: row for row in rows}
     assert {row["section"] for row in rows} == {"epoch", "efficiency", "seeds", "plain", "replicas", "gpu",
-                                                "jobs", "machine", "memory"}
+                                                "jobs", "fold", "machine", "memory"}
     for metric in RATIOS:
         value = float(summary[metric]["value"])
         assert math.isfinite(value) and value > 0, (metric, value)
@@ -101,3 +102,8 @@ def test_quick_bench_writes_summary(tmp_path):
     # the same sweep one job at a time and several at once: 4 jobs x 3 seeds, the same numbers
     jobs = read_csv(tmp_path / "jobs.csv")
     assert jobs and all(r["runs"] == "12" and r["identical_to_n_jobs_1"] == "True" for r in jobs), jobs
+    # a sweep of 2 rates x 2 seeds job by job and folded: the same runs, accuracies equal up to rounding
+    fold = read_csv(tmp_path / "fold.csv")
+    assert [r["launcher"] for r in fold] == ["basic", "fold"] and all(r["runs"] == "4" for r in fold)
+    assert all(r["same_run_keys"] == "True" for r in fold)
+    assert float(summary["max_abs_test_acc_diff"]["value"]) <= 0.004

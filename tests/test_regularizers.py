@@ -33,7 +33,7 @@ from dropbench.regularizers.dropout_scaled import ScaledDropoutLayer
 from dropbench.regularizers.gaussian import GaussianNoise
 from dropbench.regularizers.rdrop import symmetric_kl
 from dropbench.regularizers.standout import StandoutLinear
-from dropbench.replicas import ReplicaGenerators, Replicas, keep_mask
+from dropbench.replicas import PerReplica, ReplicaGenerators, Replicas, keep_mask
 from dropbench.train import build_run, evaluate, train_epoch
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -95,11 +95,11 @@ def regs_for(choice: str, *overrides: str) -> Regularizers:
 
 
 def run_for(npz: Path, choice: str, *overrides: str, seeds=(0,), model=MLP_SETTINGS, optimizer=("optimizer=sgd",
-            "optimizer.lr=0.1")):
-    """A run built by build_run from the YAMLs: `regularizer=choice` on the tiny dataset."""
+            "optimizer.lr=0.1"), build=True):
+    """A run built by build_run from the YAMLs (build=False: its config): `regularizer=choice` on tiny data."""
     cfg = config("dataset=npz", f"dataset.path={npz}", "dataset.val_fraction=0", *model, *optimizer,
                  f"regularizer={choice}", *(f"regularizer.{o}" for o in overrides))
-    return build_run(cfg, CPU, list(seeds))
+    return build_run(cfg, CPU, list(seeds)) if build else cfg
 
 
 def fit(run, epochs=2):
@@ -244,6 +244,53 @@ def test_replica_k_is_the_single_run_of_seed_k(npz, name, overrides, model):
             torch.testing.assert_close(values[k], single_metrics[key][0], **tol, msg=key)
         for param in single.model.params:
             torch.testing.assert_close(run.model.stacked(param)[k], single.model.stacked(param)[0], **tol)
+
+
+# -- a folded sweep: replica k = the single run of its own settings and seed ------------------------------
+FOLD_CASES = [
+    ("dropout", ["p=0.1", "p=0.5", "p=0.0"], MLP_SETTINGS),
+    ("dropout", ["p=[0.2,0.5]", "p=[0.1,0.3]"], MLP_SETTINGS),
+    ("dropout", ["input_p=0.1", "input_p=0.3"], MLP_SETTINGS),
+    ("dropout_scaled", ["p=0.2", "p=0.6"], MLP_SETTINGS),
+    ("rdrop", ["alpha=0.5 p=0.1", "alpha=2.0 p=0.3", "alpha=0.0 p=0.3"], MLP_SETTINGS),
+    ("multisample", ["p=0.2", "p=0.6"], MLP_SETTINGS),
+    ("dropconnect", ["p=0.2", "p=0.5"], MLP_SETTINGS),
+    ("dropconnect", ["p=0.2 inference=moment_matching mc_samples=5",
+                     "p=0.5 inference=moment_matching mc_samples=5"], MLP_SETTINGS),
+    ("gaussian", ["p=0.2", "p=0.5"], MLP_SETTINGS),
+    ("gaussian", ["sigma=0.5", "sigma=1.5"], MLP_SETTINGS),
+    ("standout", ["alpha=0.5 beta=0.0", "alpha=1.0 beta=1.0"], MLP_SETTINGS),
+    ("l1", ["lam=1e-3", "lam=1e-2"], MLP_SETTINGS),
+    ("l2", ["lam=1e-3", "lam=1e-1"], MLP_SETTINGS),
+    ("maxnorm", ["c=0.5", "c=1.0"], CNN_SETTINGS),
+    ("mc_dropout", ["p=0.2 samples=3", "p=0.5 samples=3"], MLP_SETTINGS),
+]
+
+
+@pytest.mark.parametrize("name, settings, model", FOLD_CASES)
+def test_a_folded_replica_is_the_single_run_of_its_settings(npz, name, settings, model):
+    """Replicas differing in seed and in the method's numeric settings train together; replica k
+    has the numbers of the single run of its own settings, up to the rounding of batched products."""
+    seeds = [3 + k for k in range(len(settings))]
+    overrides = [s.split() for s in settings]
+    cfgs = [run_for(npz, name, *o, seeds=(seed,), model=model, build=False) for o, seed in zip(overrides, seeds)]
+    run = build_run(cfgs[0], CPU, seeds, [cfg.regularizer for cfg in cfgs])
+    losses, metrics = fit(run)
+    for k, (o, seed) in enumerate(zip(overrides, seeds)):
+        single = run_for(npz, name, *o, seeds=(seed,), model=model)
+        single_losses, single_metrics = fit(single)
+        torch.testing.assert_close(losses[:, k], single_losses[:, 0], rtol=1e-4, atol=1e-4)
+        for key, values in metrics.items():
+            torch.testing.assert_close(values[k], single_metrics[key][0], rtol=1e-4, atol=1e-4, msg=key)
+        assert run.replica_regs[k].summary() == single.regs.summary()
+
+
+def test_settings_that_do_not_differ_stay_numbers():
+    regs = [regs_for("rdrop", "alpha=1.0", f"p={p}") for p in (0.1, 0.3)]
+    folded = regs[0].folded(regs)
+    rdrop = next(m for m in folded.methods if m.name == "rdrop")
+    assert rdrop.alpha == 1.0 and rdrop.p == PerReplica((0.1, 0.3))
+    assert regs[0].methods[1].p == 0.1  # the replicas' own methods are left as their configs set them
 
 
 @pytest.mark.parametrize("name", METHODS)

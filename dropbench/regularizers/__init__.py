@@ -18,6 +18,7 @@ Adding a method = one module here with a `Regularizer` subclass + one YAML in co
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dropbench.config import UserError, build
-from dropbench.replicas import ReplicaGenerators, Replicas
+from dropbench.replicas import PerReplica, ReplicaGenerators, Replicas
 
 # Modules that count as a hidden activation: dropout-family methods act after them.
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -48,6 +49,10 @@ class Regularizer:
     builds_on: tuple[str, ...] = ()
     # True when the method only makes sense on top of random layers (R-Drop, MC dropout).
     needs_random_layers = False
+    # Numeric settings (constructor arguments, held as attributes of the same name) that may differ
+    # between the replicas of one job: a sweep over them folds into one job (dropbench.fold). The
+    # method and its layers then see PerReplica values (dropbench.replicas) where they differ.
+    folds: tuple[str, ...] = ()
 
     def summary(self) -> dict:
         """Parameters recorded in summary.csv; `p` fills the summary's p column."""
@@ -239,6 +244,19 @@ class Regularizers:
         for m in self.methods:
             out.update(m.summary())
         return out
+
+    def folded(self, replicas: list[Regularizers]) -> Regularizers:
+        """The methods of one set of replicas, replica k configured as replicas[k] (self is replica 0):
+        a copy whose `folds` settings that differ between the replicas are PerReplica."""
+        methods = []
+        for k, method in enumerate(self.methods):
+            method = copy.copy(method)
+            for name in method.folds:
+                values = PerReplica(getattr(r.methods[k], name) for r in replicas)
+                if any(v != values[0] for v in values):
+                    setattr(method, name, values)
+            methods.append(method)
+        return Regularizers(methods)
 
 
 def build_regularizers(cfg: DictConfig) -> Regularizers:

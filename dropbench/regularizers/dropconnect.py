@@ -35,13 +35,14 @@ from torch import nn
 
 from dropbench.config import check, probabilities, scalar_or_list
 from dropbench.regularizers import NoPlace, Regularizer, hidden_linears, hidden_pairs
-from dropbench.replicas import ReplicaGenerators, keep_mask, replica_random
+from dropbench.replicas import ReplicaGenerators, keep_mask, replica_map, replica_random, replica_value
 
 
 class DropConnectLinear(nn.Module):
     """a((M * W) x / (1 - p) + b); `linear` holds W and b, `activation` is a (identity if None)."""
 
     stochastic = True
+    replica_settings = ("p",)
 
     def __init__(self, linear: nn.Linear, activation: nn.Module | None, p: float, generators: ReplicaGenerators,
                  per_example: bool = True, inference: str = "mean", mc_samples: int = 50):
@@ -53,20 +54,22 @@ class DropConnectLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0:
             return self.activation(self.linear(x))
-        keep = 1.0 - self.p
+        keep = replica_map(lambda p: 1.0 - p, self.p)
+        scale = replica_map(lambda k: 1.0 / k, keep)
         w, b = self.linear.weight, self.linear.bias  # [out, in], [out]
         if self.training:
             if self.per_example:  # a mask per example (row): u_n = (M_n * W) x_n
                 rows = x.reshape(-1, x.shape[-1])
-                mask = keep_mask(rows, (len(rows), *w.shape), self.generators, keep, 1.0 / keep)
+                mask = keep_mask(rows, (len(rows), *w.shape), self.generators, keep, scale)
                 u = torch.einsum("noi,ni->no", w * mask, rows).view(*x.shape[:-1], -1)
             else:  # one mask shared by the mini-batch
-                u = F.linear(x, w * keep_mask(x, w.shape, self.generators, keep, 1.0 / keep))
+                u = F.linear(x, w * keep_mask(x, w.shape, self.generators, keep, scale))
             return self.activation(u + b if b is not None else u)
         mean = self.linear(x)
         if self.inference == "mean":
             return self.activation(mean)
-        var = (self.p / keep) * F.linear(x * x, w * w)
+        ratio = replica_value(replica_map(lambda p, k: p / k, self.p, keep), x, self.generators)
+        var = ratio * F.linear(x * x, w * w)
         u = mean + var.sqrt() * replica_random(mean, (self.mc_samples, *mean.shape), self.generators, normal=True)
         return self.activation(u).mean(0)
 
@@ -76,6 +79,7 @@ class DropConnectLinear(nn.Module):
 
 class DropConnect(Regularizer):
     places = ("hidden_linear",)
+    folds = ("p",)
 
     def __init__(self, p=0.5, per_example: bool = True, inference: str = "mean", mc_samples: int = 50):
         self.p = scalar_or_list(p)

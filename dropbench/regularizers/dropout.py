@@ -15,20 +15,20 @@ from torch import nn
 
 from dropbench.config import check, probabilities, scalar_or_list
 from dropbench.regularizers import Regularizer, dropout_places, put_at
-from dropbench.replicas import ReplicaGenerators, keep_mask
+from dropbench.replicas import ReplicaGenerators, keep_mask, replica_map
 
 
-def dropout(x: torch.Tensor, p: float, generators: ReplicaGenerators, scale: bool = True) -> torch.Tensor:
+def dropout(x: torch.Tensor, p, generators: ReplicaGenerators, scale: bool = True) -> torch.Tensor:
     """x * m (/ (1 - p) when `scale`), m ~ Bernoulli(1 - p) per element, from the replica's generator.
 
     Args:
         x: any shape.
-        p: drop probability in [0, 1).
+        p: drop probability in [0, 1) (PerReplica in a folded sweep).
         generators: the run's ReplicaGenerators.
         scale: inverted dropout (divide by 1 - p); False keeps the raw mask (non-inverted dropout).
     """
-    keep = 1.0 - p
-    return x * keep_mask(x, x.shape, generators, keep, 1.0 / keep if scale else 1.0)
+    keep = replica_map(lambda p: 1.0 - p, p)
+    return x * keep_mask(x, x.shape, generators, keep, replica_map(lambda k: 1.0 / k, keep) if scale else 1.0)
 
 
 class DropoutLayer(nn.Module):
@@ -39,6 +39,7 @@ class DropoutLayer(nn.Module):
     """
 
     stochastic = True
+    replica_settings = ("p",)  # may differ between the replicas of a folded sweep
 
     def __init__(self, p: float, generators: ReplicaGenerators, impl: str = "own"):
         super().__init__()
@@ -59,6 +60,7 @@ class Dropout(Regularizer):
     """Defaults: p=0.5 (Srivastava et al. 2014 for hidden units), input_p=0.0, impl=own."""
 
     places = ("dropout",)
+    folds = ("p", "input_p")
     layer = DropoutLayer  # the module placed at each dropout place (and on the inputs)
 
     def __init__(self, p=0.5, input_p: float = 0.0, impl: str = "own"):

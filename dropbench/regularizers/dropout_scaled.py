@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dropbench.regularizers.dropout import Dropout, DropoutLayer, dropout
+from dropbench.replicas import replica_map, replica_value
 
 
 class ScaledDropoutLayer(DropoutLayer):
@@ -27,11 +28,10 @@ class ScaledDropoutLayer(DropoutLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0:
             return x
-        keep = 1.0 - self.p
         if not self.training:
-            return x * keep
+            return x * replica_value(replica_map(lambda p: 1.0 - p, self.p), x, self.generators)
         if self.impl == "torch":
-            return F.dropout(x, self.p, training=True) * keep
+            return F.dropout(x, self.p, training=True) * (1.0 - self.p)
         return dropout(x, self.p, self.generators, scale=False)
 
 

@@ -20,13 +20,14 @@ from torch import nn
 
 from dropbench.config import check, probabilities, scalar_or_list
 from dropbench.regularizers import Regularizer, dropout_places, put_at
-from dropbench.replicas import ReplicaGenerators, replica_random
+from dropbench.replicas import ReplicaGenerators, replica_random, replica_value
 
 
 class GaussianNoise(nn.Module):
     """y = x * (1 + sigma * eps), eps ~ N(0, 1) per element from the replica's generator."""
 
     stochastic = True
+    replica_settings = ("sigma",)
 
     def __init__(self, sigma: float, generators: ReplicaGenerators):
         super().__init__()
@@ -35,7 +36,8 @@ class GaussianNoise(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.sigma == 0.0:
             return x
-        return x * (1.0 + self.sigma * replica_random(x, x.shape, self.generators, normal=True))
+        sigma = replica_value(self.sigma, x, self.generators)
+        return x * (1.0 + sigma * replica_random(x, x.shape, self.generators, normal=True))
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma:.4g}"
@@ -43,6 +45,7 @@ class GaussianNoise(nn.Module):
 
 class Gaussian(Regularizer):
     places = ("dropout",)
+    folds = ("p", "sigma")
 
     def __init__(self, p=0.5, sigma: float | None = None):
         self.sigma = check("regularizer.sigma", sigma)

@@ -14,17 +14,20 @@ from torch import nn
 
 from dropbench.config import check
 from dropbench.regularizers import NoPlace, Regularizer, weight_names
-from dropbench.replicas import ReplicaGenerators, Replicas
+from dropbench.replicas import ReplicaGenerators, Replicas, replica_tensor
 
 
-def project_rows_(weight: torch.Tensor, c: float) -> None:
-    """In place: rows weight[r, j] (flattened over the rest) with norm > c scaled to norm c; weight [R, out, ...]."""
+def project_rows_(weight: torch.Tensor, c) -> None:
+    """In place: rows weight[r, j] (flattened over the rest) with norm > c scaled to norm c; weight
+    [R, out, ...]; c a number or PerReplica."""
     norms = weight.flatten(2).norm(dim=2)  # [R, out]
-    scale = (c / norms.clamp_min(1e-12)).clamp(max=1.0)
+    scale = (replica_tensor(c, norms) / norms.clamp_min(1e-12)).clamp(max=1.0)
     weight.mul_(scale.view(*scale.shape, *([1] * (weight.dim() - 2))))
 
 
 class MaxNorm(Regularizer):
+    folds = ("c",)
+
     def __init__(self, c: float = 3.0):
         self.c = check("regularizer.c", c)
         self.names: list[str] = []

@@ -27,6 +27,7 @@ class MCDropout(Regularizer):
     places = ("predict",)
     needs_random_layers = True
     builds_on = ("dropout",)
+    folds = ("p",)
 
     def __init__(self, samples: int = 20, p=0.5):
         self.samples = check("regularizer.samples", samples)

@@ -25,8 +25,27 @@ from dropbench.regularizers.dropout import DropoutLayer, dropout
 from dropbench.replicas import ReplicaGenerators, Replicas
 
 
+class HeadSamples(nn.Module):
+    """The head's input h [B, ...] as K dropout-masked copies [K*B, ...] in training (h itself in evaluation)."""
+
+    replica_settings = ("p",)  # not `stochastic`: MC dropout's sampling at evaluation leaves it off
+
+    def __init__(self, k: int, p: float, generators: ReplicaGenerators):
+        super().__init__()
+        self.k, self.p, self.generators = k, p, generators
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return h
+        return dropout(h.unsqueeze(0).expand(self.k, *h.shape), self.p, self.generators).flatten(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, p={self.p}"
+
+
 class MultiSample(Regularizer):
     places = ("dropout", "loss")
+    folds = ("p",)
 
     def __init__(self, k: int = 8, p=0.5):
         self.k = check("regularizer.k", k)
@@ -46,20 +65,9 @@ class MultiSample(Regularizer):
             put_at(place, DropoutLayer(p, generators))
         if isinstance(places[-1].module, DROPOUTS):
             places[-1].replace(nn.Identity())
-        head.register_forward_pre_hook(self._samples(rates[-1], generators))
-
-    def _samples(self, p: float, generators: ReplicaGenerators):
-        """A pre-hook turning the head's input h [B, ...] into K masked copies [K*B, ...] in training."""
-        k = self.k
-
-        def hook(module, args):
-            if not module.training or p == 0.0:
-                return None
-            h = args[0]
-            copies = h.unsqueeze(0).expand(k, *h.shape)
-            return (dropout(copies, p, generators).flatten(0, 1), *args[1:])
-
-        return hook
+        # a submodule of the head, so that train/eval and folding reach it, applied by a pre-hook
+        head.add_module("samples", HeadSamples(self.k, rates[-1], generators))
+        head.register_forward_pre_hook(lambda module, args: (module.samples(args[0]), *args[1:]))
 
     def loss(self, model: Replicas, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(x)  # [R, K*B, C] in training: sample k's batch is rows k*B..(k+1)*B-1

@@ -24,11 +24,13 @@ from torch import nn
 
 from dropbench.config import check
 from dropbench.regularizers import NoPlace, Regularizer, weight_names
-from dropbench.replicas import ReplicaGenerators, Replicas
+from dropbench.replicas import ReplicaGenerators, Replicas, replica_tensor
 
 
 class Penalty(Regularizer):
     """lam * sum over the weights of `term(w)`, per replica."""
+
+    folds = ("lam",)
 
     def __init__(self, lam: float):
         self.lam = check("regularizer.lam", lam)
@@ -49,7 +51,8 @@ class Penalty(Regularizer):
         raise NotImplementedError
 
     def penalty(self, model: Replicas) -> torch.Tensor:
-        return self.lam * sum(self.term(model.stacked(name)).flatten(1).sum(1) for name in self.names)
+        total = sum(self.term(model.stacked(name)).flatten(1).sum(1) for name in self.names)
+        return replica_tensor(self.lam, total) * total
 
 
 class L1(Penalty):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dropbench.config import check, scalar_or_list
 from dropbench.regularizers import Regularizer, cross_entropy
-from dropbench.replicas import Replicas
+from dropbench.replicas import Replicas, replica_tensor
 
 
 def symmetric_kl(logits1: torch.Tensor, logits2: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
@@ -49,6 +49,7 @@ class RDrop(Regularizer):
     places = ("loss",)
     needs_random_layers = True
     builds_on = ("dropout",)
+    folds = ("alpha", "p")
 
     def __init__(self, alpha: float = 1.0, p=0.5, kl_reduction: str = "batchmean"):
         self.alpha = check("regularizer.alpha", alpha, "rdrop")
@@ -61,6 +62,6 @@ class RDrop(Regularizer):
     def loss(self, model: Replicas, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits1, logits2 = model(x), model(x)  # two passes: independent dropout masks
         loss = (cross_entropy(logits1, y) + cross_entropy(logits2, y)) / 2
-        if self.alpha > 0:
-            loss = loss + self.alpha * symmetric_kl(logits1, logits2, self.kl_reduction)
+        if self.alpha != 0:
+            loss = loss + replica_tensor(self.alpha, loss) * symmetric_kl(logits1, logits2, self.kl_reduction)
         return loss

@@ -25,13 +25,14 @@ from torch import nn
 
 from dropbench.config import check
 from dropbench.regularizers import NoPlace, Regularizer, hidden_pairs
-from dropbench.replicas import ReplicaGenerators, replica_random
+from dropbench.replicas import ReplicaGenerators, replica_random, replica_value
 
 
 class StandoutLinear(nn.Module):
     """m * act(W x + b), m ~ Bernoulli(sigmoid(alpha (W x + b) + beta)); `linear` holds W and b."""
 
     stochastic = True
+    replica_settings = ("alpha", "beta")
 
     def __init__(self, linear: nn.Linear, activation: nn.Module, alpha: float, beta: float,
                  generators: ReplicaGenerators):
@@ -40,7 +41,8 @@ class StandoutLinear(nn.Module):
         self.alpha, self.beta, self.generators = alpha, beta, generators
 
     def keep_probability(self, a: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.alpha * a + self.beta)
+        alpha, beta = (replica_value(v, a, self.generators) for v in (self.alpha, self.beta))
+        return torch.sigmoid(alpha * a + beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.linear(x)
@@ -56,6 +58,7 @@ class StandoutLinear(nn.Module):
 
 class Standout(Regularizer):
     places = ("hidden_linear",)
+    folds = ("alpha", "beta")
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.0):
         self.alpha = check("regularizer.alpha", alpha, "standout")

@@ -1,0 +1,82 @@
+"""Hydra launcher `fold` (conf/hydra/launcher/fold.yaml): the jobs of a sweep that differ only in
+seeds and in the regularizer's numeric settings run as one set of replicas (see dropbench.fold).
+
+Each group runs through the task function of its first job, which trains the others with it; the
+others get their folders and .hydra files here, as Hydra's own launchers would make them, and a
+JobReturn with their own score.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from omegaconf import OmegaConf, open_dict, read_write
+
+
+class FoldLauncher(Launcher):
+    def __init__(self, max_replicas: int = 64) -> None:
+        self.max_replicas = max_replicas
+        self.config = self.hydra_context = self.task_function = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+        from dropbench.cli import fail, job_score
+        from dropbench.fold import fold_groups, note_folded, task_config
+
+        if not isinstance(self.max_replicas, int) or isinstance(self.max_replicas, bool) or self.max_replicas < 1:
+            fail("train", f"hydra.launcher.max_replicas={self.max_replicas!r} is not allowed; "
+                                 f"give a whole number >= 1")
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        configs = []
+        for idx, overrides in enumerate(job_overrides, initial_job_idx):
+            config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(config):
+                config.hydra.job.id = config.hydra.job.num = idx
+            configs.append(config)
+        returns: list[JobReturn | None] = [None] * len(configs)
+        for group in fold_groups(configs, self.max_replicas):
+            lead, others = configs[group[0]], [configs[i] for i in group[1:]]
+            if others:
+                replicas = sum(int(c.get("parallel_seeds", 1)) for c in [lead, *others])
+                print(f"dropbench train: jobs #{', #'.join(str(c.hydra.job.num) for c in [lead, *others])} "
+                      f"folded into one run of {replicas} replicas", flush=True)
+            folded = [(task_config(c), _prepare_folder(c)) for c in others]
+            note_folded(lead.hydra.job.num, folded)
+            returns[group[0]] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                                        config=lead, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+            for i, (task, output_dir) in zip(group[1:], folded):
+                returns[i] = _folded_return(returns[group[0]], configs[i], task, job_score(task, [output_dir]))
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return returns
+
+
+def _prepare_folder(config) -> Path:
+    """A folded job's output folder with its .hydra files, as Hydra's run_job makes them."""
+    HydraConfig.instance().set_config(config)  # the folder name resolves from the job's own overrides
+    output_dir = (Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)).absolute()
+    with read_write(config.hydra.runtime):
+        with open_dict(config.hydra.runtime):
+            config.hydra.runtime.output_dir = str(output_dir)
+    hydra_dir = output_dir / str(config.hydra.output_subdir)
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    from dropbench.fold import task_config
+
+    OmegaConf.save(task_config(config), hydra_dir / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": config.hydra}), hydra_dir / "hydra.yaml")
+    OmegaConf.save(config.hydra.overrides.task, hydra_dir / "overrides.yaml")
+    return output_dir
+
+
+def _folded_return(lead: JobReturn, config, task, score: float) -> JobReturn:
+    """A folded job's JobReturn: its group's status, its own score."""
+    return JobReturn(overrides=list(config.hydra.overrides.task), cfg=task, hydra_cfg=config,
+                     working_dir=os.getcwd(), task_name=str(config.hydra.job.name), status=lead.status,
+                     _return_value=score if lead.status == JobStatus.COMPLETED else lead._return_value)

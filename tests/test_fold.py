@@ -1,0 +1,122 @@
+"""Folded sweeps (hydra/launcher=fold): jobs that differ only in seeds and in the regularizer's numeric
+settings train as the replicas of one run, and each writes what it would have written alone."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import read_csv, run_cli
+from hydra import compose, initialize_config_module
+
+from dropbench.fold import fold_groups
+from dropbench.results import read_summary
+
+SWEEP = ["-m", "experiment=smoke", "threads=1", "regularizer=dropout", "regularizer.p=0.1,0.5", "seed=0,1"]
+
+
+def config(*overrides: str):
+    with initialize_config_module("dropbench.conf", version_base="1.3"):
+        return compose("config", overrides=["experiment=smoke", "threads=1", "progress=false", *overrides])
+
+
+def summaries(root):
+    return {p.parent.name: read_csv(p)[0] for p in root.rglob("summary.csv")}
+
+
+def curves(path):
+    """A metrics.csv's (epoch, split) -> (loss, accuracy), timings left out."""
+    return {(r["epoch"], r["split"]): (float(r["loss"]), float(r["accuracy"])) for r in read_csv(path)}
+
+
+def assert_same_numbers(a, b):
+    """Replicas trained together agree with single runs up to the rounding of batched products."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key][0] == pytest.approx(b[key][0], rel=1e-4), key
+        assert a[key][1] == pytest.approx(b[key][1], abs=0.004), key
+
+
+def test_a_folded_sweep_writes_what_the_unfolded_one_does_and_reruns_skip(tmp_path):
+    alone = run_cli("train", *SWEEP, f"results_dir={tmp_path}/alone", f"hydra.sweep.dir={tmp_path}/alone")
+    folded = run_cli("train", *SWEEP, "hydra/launcher=fold", f"results_dir={tmp_path}/folded",
+                     f"hydra.sweep.dir={tmp_path}/folded")
+    assert alone.returncode == 0 and folded.returncode == 0, folded.stderr
+    assert "jobs #0, #1, #2, #3 folded into one run of 4 replicas" in folded.stdout
+    assert folded.stdout.strip().splitlines()[-1] == (f"dropbench train: sweep done: 4/4 ok, 0 failed, 0 diverged; "
+                                                      f"report: dropbench report {tmp_path}/folded")
+    a, b = summaries(tmp_path / "alone"), summaries(tmp_path / "folded")
+    assert a.keys() == b.keys() and len(a) == 4  # the same job folders
+    for job in a:
+        assert {k: a[job][k] for k in ("run_key", "group_key", "p", "seed", "cfg.regularizer.p")} == \
+               {k: b[job][k] for k in ("run_key", "group_key", "p", "seed", "cfg.regularizer.p")}
+        assert b[job]["status"] == "ok" and b[job]["parallel_seeds"] == "4"
+        assert (tmp_path / "folded" / job / ".hydra" / "overrides.yaml").is_file()
+        assert_same_numbers(curves(tmp_path / "alone" / job / "metrics.csv"),
+                            curves(tmp_path / "folded" / job / "metrics.csv"))
+
+    # the sweep again: every job finished; one more rate: only its two jobs train, folded together
+    wider = run_cli("train", *SWEEP, "regularizer.p=0.1,0.5,0.9", "hydra/launcher=fold",
+                    f"results_dir={tmp_path}/folded", f"hydra.sweep.dir={tmp_path}/wider")
+    assert wider.returncode == 0, wider.stderr
+    assert wider.stdout.count("already finished") == 4
+    assert "folded into one run of 6 replicas" in wider.stdout
+    assert "sweep done: 6/6 ok, 0 failed, 0 diverged, 4 finished earlier" in wider.stdout
+    new = {job: row for job, row in summaries(tmp_path / "wider").items() if row["p"] == "0.9"}
+    assert len(new) == 2 and all(row["parallel_seeds"] == "2" for row in new.values())
+
+
+def test_only_jobs_that_differ_in_seeds_and_foldable_settings_fold():
+    groups = fold_groups([config(*o) for o in (
+        ["regularizer=dropout", "regularizer.p=0.1"],
+        ["regularizer=dropout", "regularizer.p=0.5", "seed=1"],
+        ["regularizer=dropout", "regularizer.p=0.5", "optimizer.lr=0.1"],  # the learning rate does not fold
+        ["regularizer=gaussian", "regularizer.p=0.5"],  # another method
+        ["regularizer=batchnorm", "regularizer.momentum=0.1"],  # BatchNorm's momentum does not fold
+        ["regularizer=batchnorm", "regularizer.momentum=0.3"],
+        ["regularizer=dropout", "regularizer.p=[0.2,0.5]", "parallel_seeds=3"],
+        ["regularizer=l2", "regularizer.lam=1e-3"], ["regularizer=l2", "regularizer.lam=1e-2"],
+        ["regularizer=rdrop", "regularizer.alpha=0.5"], ["regularizer=rdrop", "regularizer.alpha=2", "seed=3"],
+    )], max_replicas=64)
+    assert groups == [[0, 1, 6], [2], [3], [4], [5], [7, 8], [9, 10]]
+    # at most max_replicas seeds a run: job 6 alone trains 3
+    assert fold_groups([config("regularizer=dropout", f"regularizer.p={p}", *s) for p, s in (
+        (0.1, []), (0.2, []), (0.3, ["parallel_seeds=3"]), (0.4, []))], max_replicas=4) == [[0, 1], [2, 3]]
+
+
+def test_an_interrupted_folded_run_resumes_each_job_in_its_folder(tmp_path, monkeypatch):
+    """Two jobs with the same seed (their run keys tell them apart) stop in epoch 3 and resume
+    after epoch 2 with resume=true; each ends with the numbers of the run never stopped."""
+    from dropbench import runs
+
+    def jobs(name, *overrides):
+        return [(config("epochs=4", "regularizer=dropout", f"regularizer.p={p}", f"results_dir={tmp_path}/{name}",
+                        *overrides), tmp_path / name / f"p{p}") for p in (0.1, 0.5)]
+
+    assert [r.status for r in runs.train_jobs(jobs("whole"), multirun=True)] == ["ok", "ok"]
+    record = runs._record_epoch
+
+    def stop_in_epoch_3(rs, trackers, epoch, *args):
+        record(rs, trackers, epoch, *args)
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "_record_epoch", stop_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        runs.train_jobs(jobs("r", "checkpoint_every=2"), multirun=True)
+    assert {read_summary(tmp_path / "r" / f"p{p}" / "summary.csv")["status"] for p in (0.1, 0.5)} == {"interrupted"}
+    monkeypatch.setattr(runs, "_record_epoch", record)
+    again = [(cfg, tmp_path / "r2" / folder.name) for cfg, folder in jobs("r", "resume=true")]
+    results = runs.train_jobs(again, multirun=True)
+    assert [(r.status, r.run_dir) for r in results] == [("ok", tmp_path / "r" / f"p{p}") for p in (0.1, 0.5)]
+    for p in (0.1, 0.5):
+        assert read_summary(tmp_path / "r" / f"p{p}" / "summary.csv")["resumed_from_epoch"] == "2"
+        assert curves(tmp_path / "r" / f"p{p}" / "metrics.csv") == curves(tmp_path / "whole" / f"p{p}" / "metrics.csv")
+    assert not (tmp_path / "r2").exists()  # the new folders held nothing, and went
+
+
+def test_max_replicas_must_be_a_positive_whole_number(tmp_path):
+    proc = run_cli("train", *SWEEP, "hydra/launcher=fold", "hydra.launcher.max_replicas=0",
+                   f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/s")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("dropbench train: error: hydra.launcher.max_replicas=0 is not allowed; "
+                                   "give a whole number >= 1")
+    assert not (tmp_path / "s").exists()
