@@ -1,11 +1,13 @@
-"""Folded sweeps: the jobs of a sweep that differ only in seeds and in the regularizer's numeric
-settings train together as the replicas of one run (`dropbench train -m hydra/launcher=fold ...`).
+"""Folded sweeps: the jobs of a sweep that differ only in seeds, in the regularizer's numeric
+settings and in the learning rate train together as the replicas of one run (`dropbench train -m
+hydra/launcher=fold ...`).
 
-`fold_groups` decides which jobs go together: those whose configs are equal once the seed and each
+`fold_groups` decides which jobs go together: those whose configs are equal once the seed, each
 method's `folds` settings (Regularizer.folds: dropout rates, penalty weights, R-Drop's alpha, ...)
-are set aside. The launcher (hydra_plugins/dropbench_fold) runs each group through the first job's
-task function and notes the others here (`note_folded`), where that job finds them (`folded_with`);
-every job still writes its own folder, run keys and summaries (dropbench.runs.train_jobs).
+and, where it folds (LR_FOLDS), the learning rate are set aside. The launcher
+(hydra_plugins/dropbench_fold) runs each group through the first job's task function and notes the
+others here (`note_folded`), where that job finds them (`folded_with`); every job still writes its
+own folder, run keys and summaries (dropbench.runs.train_jobs).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dropbench.results import flatten
+
+# The learning rate folds for these optimizers, whose step is linear in lr for a given state (see
+# train.optimizer_step), under no schedule or one that scales every replica's lr by the same factor.
+LR_FOLDS = {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"}
+SCALING_SCHEDULES = {"torch.optim.lr_scheduler.StepLR", "torch.optim.lr_scheduler.CosineAnnealingLR"}
 
 # The jobs a group's first job trains with it, by the first job's number in the sweep.
 _FOLDED: dict[int, list[tuple[DictConfig, Path]]] = {}
@@ -53,6 +60,10 @@ def fold_key(config: DictConfig) -> str | None:
         for name, method in (config.regularizer.get("methods") or {}).items():
             for setting in getattr(get_class(method._target_), "folds", ()):
                 foldable |= {key for key in flat if key == f"regularizer.methods.{name}.{setting}"}
+        schedule = flat.get("schedule._target_")
+        if flat.get("optimizer._target_") in LR_FOLDS and (
+                schedule is None or schedule in SCALING_SCHEDULES and not flat.get("schedule.eta_min")):
+            foldable.add("optimizer.lr")
     except Exception:
         return None
     return json.dumps({k: v for k, v in flat.items() if k not in foldable}, sort_keys=True, default=str)

@@ -188,7 +188,7 @@ def train_jobs(jobs: list[tuple[DictConfig, Path]], multirun: bool, parallel_job
     run, started, t_start, trackers, disk_full = None, False, time.perf_counter(), [], None
     with signals_interrupt():
         try:
-            run = build_run(cfg, device, [r.seed for r in runs], [jobs[r.job].cfg.regularizer for r in runs])
+            run = build_run(cfg, device, [r.seed for r in runs], [jobs[r.job].cfg for r in runs])
             if found is not None:
                 _restore(state, runs, run)
             else:

@@ -38,6 +38,7 @@ class Run:
     scheduler: object | None
     generators: ReplicaGenerators
     replica_regs: list[Regularizers]  # replica k's methods as its config sets them (for its summary)
+    lr_scale: torch.Tensor | None = None  # [R, 1, ...]: lr_k / lr_0, when the replicas' learning rates differ
 
 
 def resolve_device(name: str, job_num: int = 0) -> torch.device:
@@ -64,12 +65,14 @@ def resolve_device(name: str, job_num: int = 0) -> torch.device:
     raise UserError(f"device={name!r} is not allowed; choose auto, cpu, cuda or cuda:N")
 
 
-def build_run(cfg, device: torch.device, seeds: list[int], regularizers: list | None = None) -> Run:
-    """Data, replicas, regularizers, optimizer and schedule from the config: replica k trains seed
-    k with regularizer config regularizers[k] (a folded sweep; default cfg.regularizer for all)."""
+def build_run(cfg, device: torch.device, seeds: list[int], replica_cfgs: list | None = None) -> Run:
+    """Data, replicas, regularizers, optimizer and schedule from the config. In a folded sweep replica
+    k trains seed k with the regularizer and learning rate of its own job's config, replica_cfgs[k]
+    (everything else is cfg's, and the same in every replica_cfgs[k]); by default all are cfg."""
+    replica_cfgs = replica_cfgs or [cfg] * len(seeds)
     data: Dataset = build(cfg.dataset, "dataset", device=device)
     generators = ReplicaGenerators(seeds, device)
-    replica_regs = [build_regularizers(c) for c in regularizers or [cfg.regularizer] * len(seeds)]
+    replica_regs = [build_regularizers(c.regularizer) for c in replica_cfgs]
     models = []
     for seed, regs in zip(seeds, replica_regs):
         torch.manual_seed(seed)  # built on the CPU: a seed gives the same initial weights on every device
@@ -78,9 +81,11 @@ def build_run(cfg, device: torch.device, seeds: list[int], regularizers: list | 
     model = Replicas(models)
     regs = replica_regs[0].folded(replica_regs)
     regs.bind(model)
-    optimizer = build(cfg.optimizer, "optimizer", params=model.parameters())
+    optimizer = build(replica_cfgs[0].optimizer, "optimizer", params=model.parameters())
     scheduler = build(cfg.schedule, "schedule", optimizer=optimizer) if "_target_" in cfg.schedule else None
-    return Run(data, model, regs, optimizer, scheduler, generators, replica_regs)
+    lrs = [float(c.optimizer.lr) for c in replica_cfgs]
+    lr_scale = None if len(set(lrs)) == 1 else torch.tensor([lr / lrs[0] for lr in lrs], device=device)
+    return Run(data, model, regs, optimizer, scheduler, generators, replica_regs, lr_scale)
 
 
 def train_epoch(run: Run, batch_size: int) -> torch.Tensor:
@@ -95,10 +100,25 @@ def train_epoch(run: Run, batch_size: int) -> torch.Tensor:
         loss = run.regs.loss(model, x, y)
         run.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # replicas are independent: d(sum)/d(loss_r) = 1
-        run.optimizer.step()
+        optimizer_step(run)
         run.regs.after_step(model)
         epoch_loss += loss.detach()
     return epoch_loss
+
+
+def optimizer_step(run: Run) -> None:
+    """optimizer.step(). With per-replica learning rates (a folded sweep over lr) the optimizer steps
+    with replica 0's and replica k's change is scaled by lr_k / lr_0: the same update for optimizers
+    whose step is linear in lr for a given state (SGD, Adam, AdamW; dropbench.fold folds lr only for them)."""
+    if run.lr_scale is None:
+        run.optimizer.step()
+        return
+    params = run.model.parameters()
+    with torch.no_grad():
+        before = [p.detach().clone() for p in params]
+        run.optimizer.step()
+        for p, b in zip(params, before):
+            p.copy_(torch.lerp(b, p, run.lr_scale.view(-1, *([1] * (p.dim() - 1)))))
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 # accuracy, then the selections measured again on fresh seeds.
 #
 #   bash scripts/tune.sh [--results DIR] [--methods "none dropout ..."] [--stage select|confirm|all] [--jobs N]
-#                        [OVERRIDE ...]
+#                        [--fold] [OVERRIDE ...]
 #
 # select   each method's grid (conf/experiment/tune/METHOD.yaml: ablation_all's training, seeds 0-2)
 #          trains into DIR/sweeps/tune, then `dropbench report` writes DIR/reports/tune, whose
@@ -14,7 +14,9 @@
 #
 # DIR defaults to results. Methods default to every file in conf/experiment/tune. --jobs N trains N
 # jobs at a time in both stages (select: Hydra's joblib launcher; confirm: N processes), each with
-# its share of the cores as torch threads. OVERRIDEs go to every training command (a later one wins,
+# its share of the cores as torch threads. --fold trains each method's grid as one folded run
+# (hydra/launcher=fold: its settings x seeds as the replicas of one run), one method at a time; --jobs
+# then applies to the confirmation stage. OVERRIDEs go to every training command (a later one wins,
 # e.g. threads=2). Finished jobs are skipped on a re-run, so an interrupted call can simply be repeated.
 set -euo pipefail
 
@@ -25,6 +27,7 @@ stage=all
 confirm_seed=100  # seeds confirm_seed ... confirm_seed + confirm_seeds - 1, none of them used by select
 confirm_seeds=5
 jobs=1
+fold=0
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,6 +35,7 @@ while [ $# -gt 0 ]; do
     --methods) methods=$2; shift 2 ;;
     --stage) stage=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
+    --fold) fold=1; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     --*) echo "tune.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) break ;;
@@ -47,6 +51,7 @@ select_dir="$results/sweeps/tune"
 cores=$(nproc 2>/dev/null || echo 1)
 threads=$(( cores / jobs > 0 ? cores / jobs : 1 ))
 launcher=(); [ "$jobs" -eq 1 ] || launcher=(hydra/launcher=joblib "hydra.launcher.n_jobs=$jobs")
+[ "$fold" -eq 0 ] || launcher=(hydra/launcher=fold)
 tuned="$results/reports/tune/tuned.csv"
 
 if [ "$stage" != confirm ]; then

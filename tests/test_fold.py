@@ -65,21 +65,54 @@ def test_a_folded_sweep_writes_what_the_unfolded_one_does_and_reruns_skip(tmp_pa
 
 
 def test_only_jobs_that_differ_in_seeds_and_foldable_settings_fold():
-    groups = fold_groups([config(*o) for o in (
-        ["regularizer=dropout", "regularizer.p=0.1"],
-        ["regularizer=dropout", "regularizer.p=0.5", "seed=1"],
-        ["regularizer=dropout", "regularizer.p=0.5", "optimizer.lr=0.1"],  # the learning rate does not fold
-        ["regularizer=gaussian", "regularizer.p=0.5"],  # another method
-        ["regularizer=batchnorm", "regularizer.momentum=0.1"],  # BatchNorm's momentum does not fold
+    jobs = [
+        ["regularizer=dropout", "regularizer.p=0.1"],  # 0
+        ["regularizer=dropout", "regularizer.p=0.5", "seed=1"],  # 1: with 0
+        ["regularizer=gaussian", "regularizer.p=0.5"],  # 2: another method
+        ["regularizer=batchnorm", "regularizer.momentum=0.1"],  # 3, 4: BatchNorm's momentum does not fold
         ["regularizer=batchnorm", "regularizer.momentum=0.3"],
-        ["regularizer=dropout", "regularizer.p=[0.2,0.5]", "parallel_seeds=3"],
-        ["regularizer=l2", "regularizer.lam=1e-3"], ["regularizer=l2", "regularizer.lam=1e-2"],
-        ["regularizer=rdrop", "regularizer.alpha=0.5"], ["regularizer=rdrop", "regularizer.alpha=2", "seed=3"],
-    )], max_replicas=64)
-    assert groups == [[0, 1, 6], [2], [3], [4], [5], [7, 8], [9, 10]]
+        ["regularizer=dropout", "regularizer.p=[0.2,0.5]", "parallel_seeds=3"],  # 5: with 0
+        ["regularizer=l2", "regularizer.lam=1e-3"], ["regularizer=l2", "regularizer.lam=1e-2"],  # 6, 7
+        ["regularizer=rdrop", "regularizer.alpha=0.5"], ["regularizer=rdrop", "regularizer.alpha=2", "seed=3"],  # 8, 9
+        ["optimizer=sgd", "optimizer.momentum=0.9"], ["optimizer=sgd", "optimizer.momentum=0.0"],  # 10, 11: apart
+        ["optimizer.lr=0.01"], ["optimizer.lr=0.001"],  # 12, 13: the learning rate folds for Adam,
+        ["optimizer.lr=0.01", "schedule=cosine"], ["optimizer.lr=0.001", "schedule=cosine"],  # 14, 15: also under
+        # a schedule that scales it, not under one that adds to it
+        ["optimizer.lr=0.01", "schedule=cosine", "schedule.eta_min=1e-4"],  # 16
+        ["optimizer.lr=0.001", "schedule=cosine", "schedule.eta_min=1e-4"],  # 17
+    ]
+    assert fold_groups([config(*o) for o in jobs], max_replicas=64) == [
+        [0, 1, 5], [2], [3], [4], [6, 7], [8, 9], [10], [11], [12, 13], [14, 15], [16], [17]]
     # at most max_replicas seeds a run: job 6 alone trains 3
     assert fold_groups([config("regularizer=dropout", f"regularizer.p={p}", *s) for p, s in (
         (0.1, []), (0.2, []), (0.3, ["parallel_seeds=3"]), (0.4, []))], max_replicas=4) == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("optimizer", [["optimizer=sgd", "optimizer.momentum=0.9"], ["optimizer=adam"],
+                                       ["optimizer=adamw", "schedule=step", "schedule.step_size=1"]])
+def test_replicas_with_their_own_learning_rate_are_their_single_runs(tmp_path, optimizer):
+    """The optimizer steps with replica 0's lr and scales each replica's change by lr_k / lr_0."""
+    import torch
+
+    from dropbench.train import build_run, evaluate, train_epoch
+
+    def fit(cfgs, seeds):
+        torch.manual_seed(0)
+        run = build_run(cfgs[0], torch.device("cpu"), seeds, cfgs)
+        losses = []
+        for _ in range(3):
+            losses.append(train_epoch(run, 100))
+            if run.scheduler is not None:
+                run.scheduler.step()
+        return torch.stack(losses), evaluate(run, "test", 1000)["loss"]
+
+    cfgs = [config("regularizer=dropout", *optimizer, f"seed={s}", f"optimizer.lr={lr}")
+            for lr, s in ((0.01, 0), (0.003, 1), (0.03, 0))]
+    losses, test = fit(cfgs, [0, 1, 0])
+    for k, cfg in enumerate(cfgs):
+        alone, alone_test = fit([cfg], [cfg.seed])
+        torch.testing.assert_close(losses[:, k], alone[:, 0], rtol=1e-4, atol=1e-5)
+        assert test[k] == pytest.approx(alone_test[0], rel=1e-4)
 
 
 def test_an_interrupted_folded_run_resumes_each_job_in_its_folder(tmp_path, monkeypatch):

@@ -274,7 +274,7 @@ def test_a_folded_replica_is_the_single_run_of_its_settings(npz, name, settings,
     seeds = [3 + k for k in range(len(settings))]
     overrides = [s.split() for s in settings]
     cfgs = [run_for(npz, name, *o, seeds=(seed,), model=model, build=False) for o, seed in zip(overrides, seeds)]
-    run = build_run(cfgs[0], CPU, seeds, [cfg.regularizer for cfg in cfgs])
+    run = build_run(cfgs[0], CPU, seeds, cfgs)
     losses, metrics = fit(run)
     for k, (o, seed) in enumerate(zip(overrides, seeds)):
         single = run_for(npz, name, *o, seeds=(seed,), model=model)

@@ -76,14 +76,17 @@ def test_every_ablation_method_has_a_grid_with_the_ablations_training():
 
 
 @pytest.mark.slow
-def test_tune_script_selects_on_validation_then_reruns_the_selection_on_fresh_seeds(tmp_path):
+@pytest.mark.parametrize("launch", [["--jobs", "2"], ["--fold", "--jobs", "2"]], ids=["joblib", "fold"])
+def test_tune_script_selects_on_validation_then_reruns_the_selection_on_fresh_seeds(tmp_path, launch):
     npz = write_npz(tmp_path / "data.npz")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "tune.sh"), "--results", str(tmp_path / "res"),
-                           "--methods", "none dropout", "--jobs", "2", *tiny(npz)],
+                           "--methods", "none dropout", *launch, *tiny(npz)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # folded: dropout's five settings x three seeds are one run of 15 replicas
+    assert ("folded into one run of 15 replicas" in proc.stdout) == ("--fold" in launch)
     res = tmp_path / "res"
 
     selection = summaries(res / "sweeps" / "tune")
