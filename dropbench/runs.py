@@ -183,6 +183,8 @@ def train_jobs(jobs: list[tuple[DictConfig, Path]], multirun: bool, parallel_job
     torch.set_num_threads(threads)
 
     runs = [SeedRun(s, *keys[j, s], out_dirs[j, s], job=j) for j, s in keys]
+    if len(training) > 1:
+        print(f"dropbench train: {len(training)} jobs folded into one run of {len(runs)} replicas", flush=True)
     state = {"run_dir": home, "started_at": _now(), "resumed_from": None, "earlier_seconds": 0.0,
              "train_seconds": 0.0}
     run, started, t_start, trackers, disk_full = None, False, time.perf_counter(), [], None

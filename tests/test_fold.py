@@ -40,7 +40,7 @@ def test_a_folded_sweep_writes_what_the_unfolded_one_does_and_reruns_skip(tmp_pa
     folded = run_cli("train", *SWEEP, "hydra/launcher=fold", f"results_dir={tmp_path}/folded",
                      f"hydra.sweep.dir={tmp_path}/folded")
     assert alone.returncode == 0 and folded.returncode == 0, folded.stderr
-    assert "jobs #0, #1, #2, #3 folded into one run of 4 replicas" in folded.stdout
+    assert "4 jobs folded into one run of 4 replicas" in folded.stdout
     assert folded.stdout.strip().splitlines()[-1] == (f"dropbench train: sweep done: 4/4 ok, 0 failed, 0 diverged; "
                                                       f"report: dropbench report {tmp_path}/folded")
     a, b = summaries(tmp_path / "alone"), summaries(tmp_path / "folded")
@@ -58,7 +58,7 @@ def test_a_folded_sweep_writes_what_the_unfolded_one_does_and_reruns_skip(tmp_pa
                     f"results_dir={tmp_path}/folded", f"hydra.sweep.dir={tmp_path}/wider")
     assert wider.returncode == 0, wider.stderr
     assert wider.stdout.count("already finished") == 4
-    assert "folded into one run of 6 replicas" in wider.stdout
+    assert "2 jobs folded into one run of 2 replicas" in wider.stdout
     assert "sweep done: 6/6 ok, 0 failed, 0 diverged, 4 finished earlier" in wider.stdout
     new = {job: row for job, row in summaries(tmp_path / "wider").items() if row["p"] == "0.9"}
     assert len(new) == 2 and all(row["parallel_seeds"] == "2" for row in new.values())

@@ -177,6 +177,36 @@ def test_optuna_maximizes_the_mean_validation_accuracy_over_seeds(tmp_path):
 
 
 @needs_optuna
+def test_a_folded_search_scores_every_trial_of_a_batch(tmp_path):
+    """hydra.sweeper.n_jobs=2 proposes two trials at a time, which the fold launcher trains as one run;
+    Optuna gets each trial's own score (the mean of its seeds' best_val_acc): maximizing it finds the
+    best trial and minimizing it the worst, one of which is the second of its batch."""
+    npz = write_npz(tmp_path / "data.npz")
+    best = {}
+    for direction in ("maximize", "minimize"):  # the same seeded trials; the second search copies the runs
+        proc = run_cli("train", "-m", "hydra/sweeper=tune", "hydra/launcher=fold", "hydra.sweeper.n_trials=4",
+                       "hydra.sweeper.n_jobs=2", f"hydra.sweeper.direction={direction}", "regularizer=dropout",
+                       "regularizer.p=interval(0.05,0.8)", "optimizer.lr=tag(log,interval(1e-3,3e-2))",
+                       "parallel_seeds=2", *tiny(npz), f"results_dir={tmp_path}",
+                       f"hydra.sweep.dir={tmp_path}/{direction}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        folded = proc.stdout.count("2 jobs folded into one run of 4 replicas")
+        assert folded == (2 if direction == "maximize" else 0)  # the second time every trial finished earlier
+        best[direction] = OmegaConf.load(tmp_path / direction / "optimization_results.yaml").best_value
+    scores, second = {}, set()
+    for path in sorted((tmp_path / "maximize").rglob("summary.csv")):
+        row = read_csv(path)[0]
+        scores.setdefault(row["group_key"], []).append(float(row["best_val_acc"]))
+        if OmegaConf.load(path.parent.parent / ".hydra" / "hydra.yaml").hydra.job.num % 2:  # in seed_N/
+            second.add(row["group_key"])
+    means = {group: np.mean(values) for group, values in scores.items()}
+    assert len(means) == 4 and len(second) == 2
+    assert best == pytest.approx({"maximize": max(means.values()), "minimize": min(means.values())})
+    extremes = {max(means, key=means.get), min(means, key=means.get)}
+    assert extremes & second  # a folded trial's own score reached the search
+
+
+@needs_optuna
 def test_a_search_without_validation_data_is_refused(tmp_path):
     proc = run_cli("train", "-m", "hydra/sweeper=tune", "hydra.sweeper.n_trials=2", "regularizer=dropout",
                    "regularizer.p=interval(0.05,0.8)", "experiment=smoke", "dataset.val_fraction=0",

@@ -8,6 +8,7 @@ JobReturn with their own score.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -44,16 +45,14 @@ class FoldLauncher(Launcher):
         returns: list[JobReturn | None] = [None] * len(configs)
         for group in fold_groups(configs, self.max_replicas):
             lead, others = configs[group[0]], [configs[i] for i in group[1:]]
-            if others:
-                replicas = sum(int(c.get("parallel_seeds", 1)) for c in [lead, *others])
-                print(f"dropbench train: jobs #{', #'.join(str(c.hydra.job.num) for c in [lead, *others])} "
-                      f"folded into one run of {replicas} replicas", flush=True)
             folded = [(task_config(c), _prepare_folder(c)) for c in others]
             note_folded(lead.hydra.job.num, folded)
             returns[group[0]] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
                                         config=lead, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
             for i, (task, output_dir) in zip(group[1:], folded):
-                returns[i] = _folded_return(returns[group[0]], configs[i], task, job_score(task, [output_dir]))
+                returns[i] = _folded_return(returns[group[0]], configs[i], task, job_score(task, [output_dir]),
+                                            optimizing=not str(self.config.hydra.sweeper.get("_target_", ""))
+                                            .endswith(".BasicSweeper"))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
 
@@ -75,8 +74,15 @@ def _prepare_folder(config) -> Path:
     return output_dir
 
 
-def _folded_return(lead: JobReturn, config, task, score: float) -> JobReturn:
-    """A folded job's JobReturn: its group's status, its own score."""
+def _folded_return(lead: JobReturn, config, task, score: float, optimizing: bool) -> JobReturn:
+    """A folded job's JobReturn: its group's status and its own score; for a searching sweeper, a
+    failed trial when the job has no score, as dropbench.cli's task function reports one."""
+    from dropbench.cli import NoScore
+
+    status, value = lead.status, score if lead.status == JobStatus.COMPLETED else lead._return_value
+    if status == JobStatus.COMPLETED and optimizing and math.isnan(score):
+        status, value = JobStatus.FAILED, NoScore(f"{config.hydra.runtime.output_dir}: not every seed finished ok, "
+                                                  f"so the job has no validation score")
     return JobReturn(overrides=list(config.hydra.overrides.task), cfg=task, hydra_cfg=config,
-                     working_dir=os.getcwd(), task_name=str(config.hydra.job.name), status=lead.status,
-                     _return_value=score if lead.status == JobStatus.COMPLETED else lead._return_value)
+                     working_dir=os.getcwd(), task_name=str(config.hydra.job.name), status=status,
+                     _return_value=value)
