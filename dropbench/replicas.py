@@ -20,6 +20,7 @@ is held by the template as a `PerReplica` tuple, and replica k's forward pass us
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import torch
@@ -48,7 +49,14 @@ def replica_tensor(value, like: torch.Tensor):
     broadcast against `like`."""
     if not isinstance(value, PerReplica):
         return value
-    return torch.tensor(value, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+    return _values_on(value, like.dtype, like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+@functools.lru_cache(maxsize=256)
+def _values_on(values: PerReplica, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A setting's values as a tensor [R] on the device, made once (a copy to a GPU at every step
+    would wait for it)."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def fold_settings(models: list[nn.Module]) -> bool:
@@ -163,7 +171,32 @@ def replica_value(value, like: torch.Tensor, generators: ReplicaGenerators):
     `like` must be batched over the replicas, as every input is when settings are folded)."""
     if not isinstance(value, PerReplica):
         return value
-    return replica_sample(like, (), generators, lambda out, generator, k: out.fill_(value[k]))
+    return _ReplicaValue.apply(like, value)
+
+
+class _ReplicaValue(torch.autograd.Function):
+    """A PerReplica setting as a 0-d tensor: value 0 outside vmap, value k in replica k under vmap
+    (one tensor [R] for all replicas, not one fill per replica)."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(like, values):
+        return _values_on(values, like.dtype, like.device)[0].clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+    @staticmethod
+    def vmap(info, in_dims, like, values):
+        if info.batch_size != len(values):
+            raise RuntimeError(f"{info.batch_size} replicas in vmap but {len(values)} values of a setting")
+        return _values_on(values, like.dtype, like.device).clone(), 0
 
 
 def replica_random(like: torch.Tensor, shape: tuple[int, ...], generators: ReplicaGenerators,
