@@ -285,6 +285,24 @@ def test_a_folded_replica_is_the_single_run_of_its_settings(npz, name, settings,
         assert run.replica_regs[k].summary() == single.regs.summary()
 
 
+@pytest.mark.parametrize("layer, scaled", [(DropoutLayer, True), (ScaledDropoutLayer, False)])
+def test_folded_rates_with_torch_masks_keep_each_replicas_rate(layer, scaled):
+    """impl=torch draws every replica's mask in one sample of torch's generator, at the replica's own rate."""
+    rates, generators = (0.2, 0.7), ReplicaGenerators([0, 1], CPU)
+    models = []
+    for p in rates:
+        linear = nn.Linear(4, 4, bias=False)
+        nn.init.eye_(linear.weight)
+        models.append(nn.Sequential(layer(p, generators, impl="torch"), linear))
+    replicas = Replicas(models)
+    torch.manual_seed(0)
+    out = replicas(torch.ones(2, 20000, 4)).detach()
+    for k, p in enumerate(rates):
+        kept = out[k] != 0
+        assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.01)
+        assert torch.allclose(out[k][kept], torch.tensor(1 / (1 - p) if scaled else 1.0))
+
+
 def test_settings_that_do_not_differ_stay_numbers():
     regs = [regs_for("rdrop", "alpha=1.0", f"p={p}") for p in (0.1, 0.3)]
     folded = regs[0].folded(regs)

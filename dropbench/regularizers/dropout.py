@@ -15,10 +15,10 @@ from torch import nn
 
 from dropbench.config import check, probabilities, scalar_or_list
 from dropbench.regularizers import Regularizer, dropout_places, put_at
-from dropbench.replicas import ReplicaGenerators, keep_mask, replica_map
+from dropbench.replicas import PerReplica, ReplicaGenerators, keep_mask, replica_map, replica_value
 
 
-def dropout(x: torch.Tensor, p, generators: ReplicaGenerators, scale: bool = True) -> torch.Tensor:
+def dropout(x: torch.Tensor, p, generators: ReplicaGenerators, scale: bool = True, impl: str = "own") -> torch.Tensor:
     """x * m (/ (1 - p) when `scale`), m ~ Bernoulli(1 - p) per element, from the replica's generator.
 
     Args:
@@ -26,16 +26,25 @@ def dropout(x: torch.Tensor, p, generators: ReplicaGenerators, scale: bool = Tru
         p: drop probability in [0, 1) (PerReplica in a folded sweep).
         generators: the run's ReplicaGenerators.
         scale: inverted dropout (divide by 1 - p); False keeps the raw mask (non-inverted dropout).
+        impl: "own" (each replica's generator: its single run's masks) or "torch" (torch's global
+            generator: one kernel for every replica, the same distribution, other masks).
     """
     keep = replica_map(lambda p: 1.0 - p, p)
+    if impl == "torch":
+        if not isinstance(p, PerReplica):
+            out = F.dropout(x, p, training=True)
+            return out if scale else out * keep
+        keep = replica_value(keep, x, generators)  # each replica's own rate, one sample for all of them
+        mask = (torch.rand_like(x) < keep).to(x.dtype)
+        return x * mask / keep if scale else x * mask
     return x * keep_mask(x, x.shape, generators, keep, replica_map(lambda k: 1.0 / k, keep) if scale else 1.0)
 
 
 class DropoutLayer(nn.Module):
     """Inverted dropout on any shape; replica k's masks come from its own generator.
 
-    impl="torch" uses torch.nn.functional.dropout instead (same distribution, one kernel, one
-    global stream: replicas then no longer draw their single runs' masks).
+    impl="torch" draws from torch's global generator instead (torch.nn.functional.dropout; same
+    distribution, one kernel for every replica: replicas then no longer draw their single runs' masks).
     """
 
     stochastic = True
@@ -48,9 +57,7 @@ class DropoutLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if self.impl == "torch":
-            return F.dropout(x, self.p, training=True)
-        return dropout(x, self.p, self.generators)
+        return dropout(x, self.p, self.generators, impl=self.impl)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, impl={self.impl}"

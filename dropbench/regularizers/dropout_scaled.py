@@ -16,7 +16,6 @@ input_p=0.0, impl=own|torch.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dropbench.regularizers.dropout import Dropout, DropoutLayer, dropout
 from dropbench.replicas import replica_map, replica_value
@@ -30,9 +29,7 @@ class ScaledDropoutLayer(DropoutLayer):
             return x
         if not self.training:
             return x * replica_value(replica_map(lambda p: 1.0 - p, self.p), x, self.generators)
-        if self.impl == "torch":
-            return F.dropout(x, self.p, training=True) * (1.0 - self.p)
-        return dropout(x, self.p, self.generators, scale=False)
+        return dropout(x, self.p, self.generators, scale=False, impl=self.impl)
 
 
 class DropoutScaled(Dropout):
