@@ -1,6 +1,7 @@
-"""Run management around the training loop: one Hydra job = one config trained for R seeds.
+"""Run management around the training loop: one Hydra job = one config trained for R seeds, or in
+a folded sweep several jobs trained together, each of their seeds one replica (train_jobs).
 
-`train_job` decides what to train (finished seeds are skipped, an interrupted run is continued
+`train_jobs` decides what to train (finished seeds are skipped, an interrupted run is continued
 with resume=true, a requeued submitit job continues its own), where results go (a folder never
 holds two runs), and writes what the loop produces: metrics.csv after every epoch, a checkpoint,
 progress lines, tracker logs, and at the end, however the run ends (finished, diverged, failed or
@@ -120,7 +121,7 @@ def train_jobs(jobs: list[tuple[DictConfig, Path]], multirun: bool, parallel_job
                job_num: int = 0) -> list[JobResult]:
     """Train jobs (config, Hydra output folder) together as one set of replicas, each of their seeds
     one replica, and return how each ended: one job, or the jobs of a folded sweep (dropbench.fold),
-    which differ only in seeds and in the regularizer's numeric settings. The first job's config
+    which differ only in seeds, the regularizer's numeric settings and the learning rate. The first job's config
     decides how they run (device, threads, epochs, checkpoints); each seed writes its own results
     into its own job's folder, as if trained alone.
     """
@@ -171,10 +172,11 @@ def train_jobs(jobs: list[tuple[DictConfig, Path]], multirun: bool, parallel_job
         out_dirs = {(j, s): where[keys[j, s][0]] for j, s in keys}
         home = found
     else:
-        for job in training:
-            job.run_dir = free_run_dir(job.output_dir, [job.seed_dir(job.output_dir, s) for s in job.seeds],
-                                       {s: keys[jobs.index(job), s] for s in job.seeds}, job.cfg, multirun)
-        out_dirs = {(j, s): job.seed_dir(job.run_dir, s) for j, s in keys for job in [jobs[j]]}
+        for j, job in enumerate(jobs):
+            if job.seeds:
+                job.run_dir = free_run_dir(job.output_dir, [job.seed_dir(job.output_dir, s) for s in job.seeds],
+                                           {s: keys[j, s] for s in job.seeds}, job.cfg, multirun)
+        out_dirs = {(j, s): jobs[j].seed_dir(jobs[j].run_dir, s) for j, s in keys}
         home = training[0].run_dir
     for job in training:
         if job.run_dir != job.output_dir:  # its results go on elsewhere
