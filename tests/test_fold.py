@@ -146,10 +146,26 @@ def test_an_interrupted_folded_run_resumes_each_job_in_its_folder(tmp_path, monk
     assert not (tmp_path / "r2").exists()  # the new folders held nothing, and went
 
 
-def test_max_replicas_must_be_a_positive_whole_number(tmp_path):
-    proc = run_cli("train", *SWEEP, "hydra/launcher=fold", "hydra.launcher.max_replicas=0",
+def test_folded_runs_side_by_side_give_the_numbers_of_one_after_another(tmp_path):
+    """hydra.launcher.n_jobs=2: the two folded runs (dropout, Gaussian) train in two processes at once."""
+    sweep = ["-m", "experiment=smoke", "threads=1", "regularizer=dropout,gaussian", "regularizer.p=0.1,0.5",
+             "hydra/launcher=fold", f"results_dir={tmp_path}", "force=true"]
+    for n in (1, 2):
+        proc = run_cli("train", *sweep, f"hydra.launcher.n_jobs={n}", f"hydra.sweep.dir={tmp_path}/n{n}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("2 jobs folded into one run of 2 replicas") == 2
+        assert "sweep done: 4/4 ok" in proc.stdout
+    one, two = summaries(tmp_path / "n1"), summaries(tmp_path / "n2")
+    assert one.keys() == two.keys() and len(one) == 4
+    for job in one:
+        assert curves(tmp_path / "n1" / job / "metrics.csv") == curves(tmp_path / "n2" / job / "metrics.csv")
+
+
+@pytest.mark.parametrize("setting", ["max_replicas", "n_jobs"])
+def test_launcher_counts_must_be_positive_whole_numbers(tmp_path, setting):
+    proc = run_cli("train", *SWEEP, "hydra/launcher=fold", f"hydra.launcher.{setting}=0",
                    f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/s")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("dropbench train: error: hydra.launcher.max_replicas=0 is not allowed; "
-                                   "give a whole number >= 1")
+    assert proc.stderr.strip() == (f"dropbench train: error: hydra.launcher.{setting}=0 is not allowed; "
+                                   f"give a whole number >= 1")
     assert not (tmp_path / "s").exists()

@@ -19,8 +19,8 @@ from omegaconf import OmegaConf, open_dict, read_write
 
 
 class FoldLauncher(Launcher):
-    def __init__(self, max_replicas: int = 64) -> None:
-        self.max_replicas = max_replicas
+    def __init__(self, max_replicas: int = 64, n_jobs: int = 1) -> None:
+        self.max_replicas, self.n_jobs = max_replicas, n_jobs
         self.config = self.hydra_context = self.task_function = None
 
     def setup(self, *, hydra_context, task_function, config) -> None:
@@ -28,11 +28,11 @@ class FoldLauncher(Launcher):
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         from dropbench.cli import fail, job_score
-        from dropbench.fold import fold_groups, note_folded, task_config
+        from dropbench.fold import fold_groups, task_config
 
-        if not isinstance(self.max_replicas, int) or isinstance(self.max_replicas, bool) or self.max_replicas < 1:
-            fail("train", f"hydra.launcher.max_replicas={self.max_replicas!r} is not allowed; "
-                                 f"give a whole number >= 1")
+        for name, value in (("max_replicas", self.max_replicas), ("n_jobs", self.n_jobs)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail("train", f"hydra.launcher.{name}={value!r} is not allowed; give a whole number >= 1")
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -42,19 +42,42 @@ class FoldLauncher(Launcher):
             with open_dict(config):
                 config.hydra.job.id = config.hydra.job.num = idx
             configs.append(config)
+        groups = fold_groups(configs, self.max_replicas)
+        folded = {i: (task_config(configs[i]), _prepare_folder(configs[i])) for group in groups for i in group[1:]}
+        runs = [(configs[group[0]], [folded[i] for i in group[1:]]) for group in groups]
+        if self.n_jobs == 1:
+            leads = [_run_group(lead, others, self.hydra_context, self.task_function) for lead, others in runs]
+        else:  # runs side by side in worker processes, as Hydra's joblib launcher runs jobs
+            from hydra.core.singleton import Singleton
+            from joblib import Parallel, delayed
+
+            state = Singleton.get_state()
+            leads = Parallel(n_jobs=self.n_jobs, backend="loky")(
+                delayed(_run_group)(lead, others, self.hydra_context, self.task_function, state)
+                for lead, others in runs)
+        optimizing = not str(self.config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
         returns: list[JobReturn | None] = [None] * len(configs)
-        for group in fold_groups(configs, self.max_replicas):
-            lead, others = configs[group[0]], [configs[i] for i in group[1:]]
-            folded = [(task_config(c), _prepare_folder(c)) for c in others]
-            note_folded(lead.hydra.job.num, folded)
-            returns[group[0]] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                        config=lead, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-            for i, (task, output_dir) in zip(group[1:], folded):
-                returns[i] = _folded_return(returns[group[0]], configs[i], task, job_score(task, [output_dir]),
-                                            optimizing=not str(self.config.hydra.sweeper.get("_target_", ""))
-                                            .endswith(".BasicSweeper"))
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        for group, lead in zip(groups, leads):
+            returns[group[0]] = lead
+            for i in group[1:]:
+                task, output_dir = folded[i]
+                returns[i] = _folded_return(lead, configs[i], task, job_score(task, [output_dir]), optimizing)
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
+
+
+def _run_group(lead, others, hydra_context, task_function, singleton_state=None) -> JobReturn:
+    """The group's first job through the task function, which trains the others with it."""
+    from dropbench.fold import note_folded
+
+    if singleton_state is not None:  # in a worker process
+        from hydra.core.singleton import Singleton
+
+        setup_globals()
+        Singleton.set_state(singleton_state)
+    note_folded(lead.hydra.job.num, others)
+    return run_job(hydra_context=hydra_context, task_function=task_function, config=lead,
+                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
 
 
 def _prepare_folder(config) -> Path:
