@@ -23,7 +23,13 @@ from omegaconf import OmegaConf
 
 from dropbench import __version__
 from dropbench.config import choices
-from dropbench.results import files_named, read_summary, remove_if_only_hydra  # stdlib only: no torch
+from dropbench.results import (  # stdlib only: no torch
+    NoScore,
+    files_named,
+    job_score,
+    read_summary,
+    remove_if_only_hydra,
+)
 from dropbench.signals import raise_interrupt
 
 USAGE = """usage: dropbench <command> [args]
@@ -253,7 +259,8 @@ def train(argv: list[str]) -> None:
                 print(f"dropbench train: {result.status}{detail}: {result.run_dir}")
         result = results[0]
         SweepCallback.last_status = result.status
-        score = job_score(cfg, [result.run_dir, output_dir])  # output_dir: copies of seeds finished earlier
+        # output_dir: copies of seeds finished earlier
+        score = job_score(OmegaConf.to_container(cfg, resolve=True), [result.run_dir, output_dir])
         if optimizing and math.isnan(score):
             # an exception is how a Hydra sweeper learns of a failed trial (Optuna 2 aborts on a NaN value)
             raise NoScore(f"{result.run_dir}: not every seed finished ok, so the job has no validation score")
@@ -266,6 +273,9 @@ def train(argv: list[str]) -> None:
     except SystemExit:
         _remove_empty_sweep(SweepCallback.sweep_dir)
         raise
+    except UserError as error:  # from a launcher, before any job ran
+        _remove_empty_sweep(SweepCallback.sweep_dir)
+        fail("train", str(error))
     except hydra_errors as error:
         _remove_empty_sweep(SweepCallback.sweep_dir)
         if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
@@ -305,41 +315,6 @@ def _register_fold_launcher() -> None:
     from hydra_plugins.dropbench_fold.fold_launcher import FoldLauncher
 
     Plugins.instance().class_name_to_class.setdefault(FOLD_LAUNCHER, FoldLauncher)
-
-
-def job_score(cfg, dirs: list[Path]) -> float:
-    """The value a job returns to Hydra's sweeper: the mean over the job's seeds of `best_val_acc`,
-    each seed's validation accuracy at its validation-selected epoch.
-
-    NaN when a seed did not finish `ok` (failed, diverged) or the data have no validation split
-    (`dataset.val_fraction=0`): test accuracy never scores a job, so a search never selects on it.
-
-    Args:
-        cfg: the job's config (its seeds are `seed`, ..., `seed + parallel_seeds - 1`).
-        dirs: where the job's summaries are (in `seed_N/` with several seeds): its run directory
-            and, for seeds finished earlier and copied in, its Hydra output directory.
-    """
-    from dropbench.results import identity
-
-    config = OmegaConf.to_container(cfg, resolve=True)
-    seeds = [cfg.seed + k for k in range(cfg.parallel_seeds)]
-    keys = {identity(config, s)[0]: s for s in seeds}
-    rows = {}
-    for folder in dict.fromkeys(dirs):
-        for s in seeds:
-            row = read_summary(folder / f"seed_{s}" / "summary.csv" if len(seeds) > 1 else folder / "summary.csv")
-            # the run key tells this config's run from another one's that a reused folder may hold
-            if row and keys.get(row["run_key"]) == s and (s not in rows or row["status"] == "ok"):
-                rows[s] = row
-    values = [rows[s]["best_val_acc"] if s in rows and rows[s]["status"] == "ok" else "" for s in seeds]
-    if not all(values):
-        return float("nan")
-    return sum(float(v) for v in values) / len(values)
-
-
-class NoScore(RuntimeError):
-    """A job that a searching sweeper cannot score (a seed failed or diverged). The sweeper records
-    a failed trial; its max_failure_rate decides whether the search goes on."""
 
 
 def _no_space(error: OSError) -> str:

@@ -307,3 +307,36 @@ def remove_if_only_hydra(run_dir: Path, results_dir: Path) -> None:
         except OSError:  # someone wrote into it meanwhile
             break
         parent = parent.parent
+
+
+# -- a job's score for a searching sweeper ------------------------------------------------------
+def job_score(config: dict, dirs: list[Path]) -> float:
+    """The value a job returns to Hydra's sweeper: the mean over the job's seeds of `best_val_acc`,
+    each seed's validation accuracy at its validation-selected epoch.
+
+    NaN when a seed did not finish `ok` (failed, diverged) or the data have no validation split
+    (`dataset.val_fraction=0`): test accuracy never scores a job, so a search never selects on it.
+
+    Args:
+        config: the job's resolved config (its seeds are `seed`, ..., `seed + parallel_seeds - 1`).
+        dirs: where the job's summaries are (in `seed_N/` with several seeds): its run directory
+            and, for seeds finished earlier and copied in, its Hydra output directory.
+    """
+    seeds = [config["seed"] + k for k in range(config["parallel_seeds"])]
+    keys = {identity(config, s)[0]: s for s in seeds}
+    rows = {}
+    for folder in dict.fromkeys(dirs):
+        for s in seeds:
+            row = read_summary(folder / f"seed_{s}" / "summary.csv" if len(seeds) > 1 else folder / "summary.csv")
+            # the run key tells this config's run from another one's that a reused folder may hold
+            if row and keys.get(row["run_key"]) == s and (s not in rows or row["status"] == "ok"):
+                rows[s] = row
+    values = [rows[s]["best_val_acc"] if s in rows and rows[s]["status"] == "ok" else "" for s in seeds]
+    if not all(values):
+        return float("nan")
+    return sum(float(v) for v in values) / len(values)
+
+
+class NoScore(RuntimeError):
+    """A job that a searching sweeper cannot score (a seed failed or diverged). The sweeper records
+    a failed trial; its max_failure_rate decides whether the search goes on."""

@@ -27,12 +27,13 @@ class FoldLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
-        from dropbench.cli import fail, job_score
+        from dropbench.config import UserError
         from dropbench.fold import fold_groups, task_config
+        from dropbench.results import job_score
 
         for name, value in (("max_replicas", self.max_replicas), ("n_jobs", self.n_jobs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail("train", f"hydra.launcher.{name}={value!r} is not allowed; give a whole number >= 1")
+                raise UserError(f"hydra.launcher.{name}={value!r} is not allowed; give a whole number >= 1")
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,8 @@ class FoldLauncher(Launcher):
             returns[group[0]] = lead
             for i in group[1:]:
                 task, output_dir = folded[i]
-                returns[i] = _folded_return(lead, configs[i], task, job_score(task, [output_dir]), optimizing)
+                score = job_score(OmegaConf.to_container(task, resolve=True), [output_dir])
+                returns[i] = _folded_return(lead, configs[i], task, score, optimizing)
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
 
@@ -100,7 +102,7 @@ def _prepare_folder(config) -> Path:
 def _folded_return(lead: JobReturn, config, task, score: float, optimizing: bool) -> JobReturn:
     """A folded job's JobReturn: its group's status and its own score; for a searching sweeper, a
     failed trial when the job has no score, as dropbench.cli's task function reports one."""
-    from dropbench.cli import NoScore
+    from dropbench.results import NoScore
 
     status, value = lead.status, score if lead.status == JobStatus.COMPLETED else lead._return_value
     if status == JobStatus.COMPLETED and optimizing and math.isnan(score):
