@@ -58,8 +58,7 @@ def fold_key(config: DictConfig) -> str | None:
         # regularizer.* outside `methods` only feeds the methods (interpolations); the methods' values decide
         foldable |= {key for key in flat if key.startswith("regularizer.") and ".methods." not in f".{key}"}
         for name, method in (config.regularizer.get("methods") or {}).items():
-            for setting in getattr(get_class(method._target_), "folds", ()):
-                foldable |= {key for key in flat if key == f"regularizer.methods.{name}.{setting}"}
+            foldable |= {f"regularizer.methods.{name}.{s}" for s in getattr(get_class(method._target_), "folds", ())}
         schedule = flat.get("schedule._target_")
         if flat.get("optimizer._target_") in LR_FOLDS and (
                 schedule is None or schedule in SCALING_SCHEDULES and not flat.get("schedule.eta_min")):

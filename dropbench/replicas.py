@@ -35,6 +35,11 @@ class PerReplica(tuple):
         return f"PerReplica{tuple(self)!r}"
 
 
+def per_replica(values: list):
+    """One setting's values across the replicas: PerReplica where they differ, else the one value."""
+    return PerReplica(values) if any(v != values[0] for v in values) else values[0]
+
+
 def replica_map(f, *values):
     """f applied to the values: per replica when one of them is PerReplica, else once."""
     if not any(isinstance(v, PerReplica) for v in values):
@@ -67,10 +72,9 @@ def fold_settings(models: list[nn.Module]) -> bool:
     others = [dict(m.named_modules()) for m in models[1:]]
     for name, layer in models[0].named_modules():
         for setting in getattr(layer, "replica_settings", ()):
-            values = PerReplica([getattr(layer, setting), *(getattr(m[name], setting) for m in others)])
-            if any(v != values[0] for v in values):
-                setattr(layer, setting, values)
-                folded = True
+            value = per_replica([getattr(layer, setting), *(getattr(m[name], setting) for m in others)])
+            setattr(layer, setting, value)
+            folded |= isinstance(value, PerReplica)
     return folded
 
 

@@ -38,7 +38,7 @@ class Run:
     scheduler: object | None
     generators: ReplicaGenerators
     replica_regs: list[Regularizers]  # replica k's methods as its config sets them (for its summary)
-    lr_scale: torch.Tensor | None = None  # [R, 1, ...]: lr_k / lr_0, when the replicas' learning rates differ
+    lr_scale: torch.Tensor | None = None  # [R]: lr_k / lr_0, when the replicas' learning rates differ
 
 
 def resolve_device(name: str, job_num: int = 0) -> torch.device:

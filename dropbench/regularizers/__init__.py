@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dropbench.config import UserError, build
-from dropbench.replicas import PerReplica, ReplicaGenerators, Replicas
+from dropbench.replicas import ReplicaGenerators, Replicas, per_replica
 
 # Modules that count as a hidden activation: dropout-family methods act after them.
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -252,9 +252,7 @@ class Regularizers:
         for k, method in enumerate(self.methods):
             method = copy.copy(method)
             for name in method.folds:
-                values = PerReplica(getattr(r.methods[k], name) for r in replicas)
-                if any(v != values[0] for v in values):
-                    setattr(method, name, values)
+                setattr(method, name, per_replica([getattr(r.methods[k], name) for r in replicas]))
             methods.append(method)
         return Regularizers(methods)
 
