@@ -29,6 +29,7 @@ from dropbench.results import (  # stdlib only: no torch
     job_score,
     read_summary,
     remove_if_only_hydra,
+    searching,
 )
 from dropbench.signals import raise_interrupt
 
@@ -222,7 +223,7 @@ def train(argv: list[str]) -> None:
         output_dir = Path(hc.runtime.output_dir)
         multirun = hc.mode.name == "MULTIRUN"
         # a sweeper other than Hydra's grid (e.g. Optuna) optimizes the score the job returns
-        optimizing = multirun and not str(hc.sweeper.get("_target_", "")).endswith(".BasicSweeper")
+        optimizing = multirun and searching(hc.sweeper.get("_target_", ""))
         jobs = [(cfg, output_dir)]
         try:
             check_run_config(cfg)  # cheap checks before torch is imported
@@ -263,7 +264,7 @@ def train(argv: list[str]) -> None:
         score = job_score(OmegaConf.to_container(cfg, resolve=True), [result.run_dir, output_dir])
         if optimizing and math.isnan(score):
             # an exception is how a Hydra sweeper learns of a failed trial (Optuna 2 aborts on a NaN value)
-            raise NoScore(f"{result.run_dir}: not every seed finished ok, so the job has no validation score")
+            raise NoScore(result.run_dir)
         return score
 
     sys.argv = [sys.argv[0] if Path(sys.argv[0]).name == "dropbench" else "dropbench", *argv]

@@ -337,6 +337,14 @@ def job_score(config: dict, dirs: list[Path]) -> float:
     return sum(float(v) for v in values) / len(values)
 
 
+def searching(sweeper_target: str) -> bool:
+    """Whether the sweeper (its `_target_`) optimizes the jobs' scores (Optuna, ...), not Hydra's grid."""
+    return not str(sweeper_target).endswith(".BasicSweeper")
+
+
 class NoScore(RuntimeError):
     """A job that a searching sweeper cannot score (a seed failed or diverged). The sweeper records
     a failed trial; its max_failure_rate decides whether the search goes on."""
+
+    def __init__(self, run_dir):
+        super().__init__(f"{run_dir}: not every seed finished ok, so the job has no validation score")

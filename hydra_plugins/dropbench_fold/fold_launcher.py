@@ -29,7 +29,7 @@ class FoldLauncher(Launcher):
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         from dropbench.config import UserError
         from dropbench.fold import fold_groups, task_config
-        from dropbench.results import job_score
+        from dropbench.results import job_score, searching
 
         for name, value in (("max_replicas", self.max_replicas), ("n_jobs", self.n_jobs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -56,7 +56,7 @@ class FoldLauncher(Launcher):
             leads = Parallel(n_jobs=self.n_jobs, backend="loky")(
                 delayed(_run_group)(lead, others, self.hydra_context, self.task_function, state)
                 for lead, others in runs)
-        optimizing = not str(self.config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
+        optimizing = searching(self.config.hydra.sweeper.get("_target_", ""))
         returns: list[JobReturn | None] = [None] * len(configs)
         for group, lead in zip(groups, leads):
             returns[group[0]] = lead
@@ -106,8 +106,7 @@ def _folded_return(lead: JobReturn, config, task, score: float, optimizing: bool
 
     status, value = lead.status, score if lead.status == JobStatus.COMPLETED else lead._return_value
     if status == JobStatus.COMPLETED and optimizing and math.isnan(score):
-        status, value = JobStatus.FAILED, NoScore(f"{config.hydra.runtime.output_dir}: not every seed finished ok, "
-                                                  f"so the job has no validation score")
+        status, value = JobStatus.FAILED, NoScore(config.hydra.runtime.output_dir)
     return JobReturn(overrides=list(config.hydra.overrides.task), cfg=task, hydra_cfg=config,
                      working_dir=os.getcwd(), task_name=str(config.hydra.job.name), status=status,
                      _return_value=value)
