@@ -531,6 +531,17 @@ def sweep_metrics(sweep: Path) -> dict[str, list[dict]]:
             for path in sorted(sweep.rglob("metrics.csv"))}
 
 
+def timed_command(command: list[str], what: str) -> float:
+    """Wall seconds of `command` run as its own process; RuntimeError naming `what` if it fails."""
+    with LOAD.measure():
+        t = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
+        wall = time.perf_counter() - t
+    if proc.returncode:
+        raise RuntimeError(f"{what} failed: {proc.stderr.strip()[-500:]}")
+    return wall
+
+
 def bench_jobs(args, summary: list, console) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     counts = sorted({1, 4, 14} if device == "cuda" else {1, os.cpu_count() or 1})
@@ -545,12 +556,7 @@ def bench_jobs(args, summary: list, console) -> list[dict]:
             command = [*dropbench_command(), "train", "-m", "experiment=ablation_all", f"epochs={epochs}", *methods,
                        f"device={device}", "threads=1", "progress=false", "hydra/launcher=joblib",
                        f"hydra.launcher.n_jobs={n}", f"results_dir={sweep}", f"hydra.sweep.dir={sweep / 'sweep'}"]
-            with LOAD.measure():
-                t = time.perf_counter()
-                proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
-                wall = time.perf_counter() - t
-            if proc.returncode:
-                raise RuntimeError(f"jobs n_jobs={n} failed: {proc.stderr.strip()[-500:]}")
+            wall = timed_command(command, f"jobs n_jobs={n}")
             metrics = sweep_metrics(sweep / "sweep")
             first = metrics if first is None else first
             rows.append({"n_jobs": n, "wall_seconds": round(wall, 3), "runs": len(metrics),
@@ -589,12 +595,7 @@ def bench_fold(args, summary: list, console) -> list[dict]:
                 command = [*dropbench_command(), "train", "-m", *sweep_args, f"hydra/launcher={launcher}",
                            f"device={device}", "progress=false", f"results_dir={sweep}",
                            f"hydra.sweep.dir={sweep / 's'}"]
-                with LOAD.measure():
-                    t = time.perf_counter()
-                    proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
-                    wall = time.perf_counter() - t
-                if proc.returncode:
-                    raise RuntimeError(f"fold {launcher} failed: {proc.stderr.strip()[-500:]}")
+                wall = timed_command(command, f"fold {launcher}")
                 found = final_test_accuracies(sweep / "s")
                 if accuracies.setdefault(launcher, found) != found:
                     raise RuntimeError(f"fold: the {launcher} sweep gave other numbers in round {r}")
