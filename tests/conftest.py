@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,27 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subpro
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "dropbench.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
+
+
+@contextmanager
+def stopped_in_epoch(monkeypatch, epoch: int):
+    """Inside it a run is stopped by KeyboardInterrupt (as Ctrl-C would) right after recording `epoch`;
+    the block must raise it, and recording is normal again after."""
+    from dropbench import runs
+
+    record = runs._record_epoch
+
+    def stop(seed_runs, trackers, recorded, *args):
+        record(seed_runs, trackers, recorded, *args)
+        if recorded == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "_record_epoch", stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(runs, "_record_epoch", record)
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -4,7 +4,7 @@ settings train as the replicas of one run, and each writes what it would have wr
 from __future__ import annotations
 
 import pytest
-from conftest import read_csv, run_cli
+from conftest import read_csv, run_cli, stopped_in_epoch
 from hydra import compose, initialize_config_module
 
 from dropbench.fold import fold_groups
@@ -125,18 +125,9 @@ def test_an_interrupted_folded_run_resumes_each_job_in_its_folder(tmp_path, monk
                         *overrides), tmp_path / name / f"p{p}") for p in (0.1, 0.5)]
 
     assert [r.status for r in runs.train_jobs(jobs("whole"), multirun=True)] == ["ok", "ok"]
-    record = runs._record_epoch
-
-    def stop_in_epoch_3(rs, trackers, epoch, *args):
-        record(rs, trackers, epoch, *args)
-        if epoch == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(runs, "_record_epoch", stop_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_in_epoch(monkeypatch, 3):
         runs.train_jobs(jobs("r", "checkpoint_every=2"), multirun=True)
     assert {read_summary(tmp_path / "r" / f"p{p}" / "summary.csv")["status"] for p in (0.1, 0.5)} == {"interrupted"}
-    monkeypatch.setattr(runs, "_record_epoch", record)
     again = [(cfg, tmp_path / "r2" / folder.name) for cfg, folder in jobs("r", "resume=true")]
     results = runs.train_jobs(again, multirun=True)
     assert [(r.status, r.run_dir) for r in results] == [("ok", tmp_path / "r" / f"p{p}") for p in (0.1, 0.5)]

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import stopped_in_epoch
 
 from dropbench.results import METRICS_COLUMNS, read_csv_rows, read_summary, write_csv
 
@@ -609,17 +610,9 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written(tmp_path, m
     assert whole.status == "ok" and saved == [2, 4, 5]
     assert torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["epoch"] == 5
 
-    record = runs._record_epoch
-
-    def stop_in_epoch_3(rs, trackers, epoch, *args):
-        record(rs, trackers, epoch, *args)
-        if epoch == 3:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(runs, "_record_epoch", stop_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_in_epoch(monkeypatch, 3):
         runs.train_job(config(f"results_dir={tmp_path}/r", "checkpoint_every=2"), tmp_path / "r" / "a", multirun=False)
     assert read_summary(tmp_path / "r" / "a" / "summary.csv")["status"] == "interrupted"
-    monkeypatch.setattr(runs, "_record_epoch", record)
     resumed = runs.train_job(config(f"results_dir={tmp_path}/r", "checkpoint_every=2", "resume=true"),
                              tmp_path / "r" / "b", multirun=False)
     assert resumed.status == "ok" and resumed.run_dir == tmp_path / "r" / "a"
