@@ -201,6 +201,11 @@ PROBABILITY = Number(0.0, 1.0, high_open=True)
 FINITE = Number()
 NON_NEGATIVE = Number(0.0)
 POSITIVE = Number(0.0, low_open=True)
+# Learning rates, decays and noise scales: at most 1e6, beyond any useful value. PyTorch turns them
+# (Adam: lr / (1 - beta1^t)) into float32 numbers, which overflow near 3.4e38 and fail the run
+# instead of letting it diverge.
+SCALE = Number(0.0, 1e6)
+RATE = Number(0.0, 1e6, low_open=True)
 PATH = Text("a path")
 
 
@@ -245,11 +250,11 @@ SETTINGS: tuple[Setting, ...] = (
                                    "resumes from the last one written, up to N-1 epochs back"),
     # optimizer (torch.optim); keys a choice's YAML lacks are added with +, e.g. +optimizer.betas=[0.9,0.99]
     S("optimizer.name", Text(), "labels results (the optimizer column)"),
-    S("optimizer.lr", POSITIVE, "learning rate"),
+    S("optimizer.lr", RATE, "learning rate"),
     S("optimizer.momentum", PROBABILITY, "momentum factor (sgd)"),
     S("optimizer.dampening", Number(0.0, 1.0), "dampening of the momentum (sgd)"),
     S("optimizer.nesterov", Flag(), "Nesterov momentum (sgd; needs momentum > 0 and dampening 0)"),
-    S("optimizer.weight_decay", NON_NEGATIVE, "weight decay: coupled L2 (sgd, adam), decoupled (adamw)"),
+    S("optimizer.weight_decay", SCALE, "weight decay: coupled L2 (sgd, adam), decoupled (adamw)"),
     S("optimizer.betas", ListOf(PROBABILITY, length=2), "running-average coefficients (adam, adamw)"),
     S("optimizer.eps", POSITIVE, "term added to the denominator (adam, adamw)"),
     S("optimizer.amsgrad", Flag(), "the AMSGrad variant (adam, adamw)"),
@@ -258,7 +263,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("schedule.step_size", count(), "epochs between two decays (step)"),
     S("schedule.gamma", Number(0.0, 1.0, low_open=True), "factor applied to the learning rate at each decay (step)"),
     S("schedule.T_max", count(), "epochs of one cosine half-period (cosine)"),
-    S("schedule.eta_min", NON_NEGATIVE, "learning rate at the end of the half-period (cosine)"),
+    S("schedule.eta_min", SCALE, "learning rate at the end of the half-period (cosine)"),
     # dataset (checked when the dataset's _target_ is one of dropbench's loaders)
     S("dataset.name", Text(), "labels results (the dataset column); torchvision: also the class"),
     S("dataset.val_fraction", PROBABILITY, "stratified share of the training data held out for validation"),
@@ -311,7 +316,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("regularizer.beta", FINITE, "offset of the keep probability sigmoid(alpha a + beta)"),
     S("regularizer.lam", NON_NEGATIVE, "penalty strength (l1: lam sum |w|, l2: lam/2 sum w^2)"),
     S("regularizer.c", POSITIVE, "largest norm of a unit's incoming weights"),
-    S("regularizer.sigma", Either((Null(), NON_NEGATIVE)), "noise standard deviation; null: from p, "
+    S("regularizer.sigma", Either((Null(), SCALE)), "noise standard deviation; null: from p, "
                                                            "sigma^2 = p / (1 - p)"),
     S("regularizer.k", count(), "dropout samples per batch"),
     S("regularizer.samples", count(), "stochastic passes averaged at evaluation"),
@@ -600,7 +605,7 @@ anything: a value outside its range stops `dropbench train` with one line naming
 value and the range, and exit code 2:
 
 ```
-dropbench train: error: optimizer.lr=inf is not allowed; it must be a finite number > 0
+dropbench train: error: optimizer.lr=inf is not allowed; it must be a number in (0, 1e+06]
 ```
 
 *Default* is the value in the shipped configs, followed by the choices that have the key when

@@ -220,12 +220,12 @@ def test_a_search_without_validation_data_is_refused(tmp_path):
 @needs_optuna
 def test_a_diverged_trial_is_a_failed_trial_and_the_search_goes_on(tmp_path):
     npz = write_npz(tmp_path / "data.npz")
-    # the seeded sampler's first trials: lr 1e9 (diverges), then 0.05
+    # the seeded sampler's first trials: lr 1e6 (the largest allowed; diverges), then 0.05
     proc = run_cli("train", "-m", "hydra/sweeper=tune", "hydra.sweeper.n_trials=3", "optimizer=sgd",
-                   "optimizer.lr=choice(0.05,1e9)", *tiny(npz), "epochs=1",
+                   "optimizer.lr=choice(0.05,1e6)", *tiny(npz), "epochs=1",
                    f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/search")
     assert proc.returncode == 0, proc.stderr[-3000:]
     statuses = {row["lr"]: row["status"] for row in summaries(tmp_path / "search")}
-    assert statuses == {"0.05": "ok", "1000000000.0": "diverged"}
+    assert statuses == {"0.05": "ok", "1000000.0": "diverged"}
     assert "not every seed finished ok, so the job has no validation score" in proc.stdout + proc.stderr
     assert OmegaConf.load(tmp_path / "search" / "optimization_results.yaml").best_params["optimizer.lr"] == 0.05
