@@ -258,6 +258,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("optimizer.betas", ListOf(PROBABILITY, length=2), "running-average coefficients (adam, adamw)"),
     S("optimizer.eps", POSITIVE, "term added to the denominator (adam, adamw)"),
     S("optimizer.amsgrad", Flag(), "the AMSGrad variant (adam, adamw)"),
+    S("optimizer.fused", Flag(), "torch.optim's fused implementation, one kernel for every parameter; "
+                                 "unset, dropbench uses it for sgd, adam and adamw unless foreach is set"),
+    S("optimizer.foreach", Flag(), "torch.optim's foreach implementation (not with fused=true)"),
     # schedule (torch.optim.lr_scheduler)
     S("schedule.name", Text(), "labels the schedule"),
     S("schedule.step_size", count(), "epochs between two decays (step)"),

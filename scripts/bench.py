@@ -15,10 +15,12 @@ Sections (docs/speed.md says what each figure means). Everything but `gpu` runs 
             "efficiency", the epoch's matmul FLOP/s as a fraction of peak fp32 torch.mm FLOP/s
   seeds     MNIST-1D default config through runs.train_job: parallel_seeds=8 vs one single run vs
             8 sequential single runs, and how far replica k's final losses are from the single
-            run with seed k (default config, then with dropout)
+            run with seed k (default config, then with dropout); the hand-written batched loop
+            (scripts/batched_mlps.py) with 8 models vs 1 as what batching alone reaches
   plain     three seeds of the MNIST-1D MLP recipe (6,000 steps of batch 100, Adam lr 1e-2,
             evaluation every epoch) as `dropbench train parallel_seeds=3` vs one seed of a plain
-            PyTorch loop, both whole processes, run interleaved
+            PyTorch loop vs three seeds of the hand-written batched loop, whole processes,
+            run interleaved
   startup   wall time of `dropbench --help/list/report` and `python -c "import torch"`, and
             whether the dropbench commands import torch
   replicas  the K=8 MNIST-1D training step through Replicas (vmap over stacked parameters) vs
@@ -57,7 +59,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 try:
@@ -69,6 +70,11 @@ from dropbench import runs, train  # noqa: E402
 from dropbench.config import build  # noqa: E402
 from dropbench.data import write_idx  # noqa: E402
 from dropbench.results import read_csv_rows, write_csv  # noqa: E402
+
+SCRIPTS = Path(__file__).resolve().parent
+if str(SCRIPTS) not in sys.path:  # loaded by path (the tests), or run with python -P (gpu_checks.sh)
+    sys.path.insert(0, str(SCRIPTS))
+from batched_mlps import BatchedMLPs  # noqa: E402
 
 K = 8  # seeds trained at once in the seeds and replicas sections
 PLAIN_SEEDS = 3  # the plain section: this many seeds in dropbench against one seed of the plain loop
@@ -418,12 +424,34 @@ def bench_seeds(args, summary: list, console) -> list[dict]:
         ddiffs = [loss_diff(dpar, s, run_job(tmp, f"dropout_seed{s}", [*drop, f"seed={s}"])[1]) for s in range(kd)]
     single, par, seq = med(walls["single"]), med(walls["parallel"]), walls["sequential"]
     seq_total = sum(seq) if len(seq) == K else K * single
+    train_s = {kind: med([row["train_seconds"] for row in rows if row["kind"] == kind])
+               for kind in ("single", "parallel")}
+
+    # the same training by the hand-written batched loop, 1 and K models: the ratio batching alone reaches here
+    cfg = compose_config([])
+    data = build(cfg.dataset, "dataset", device=CPU)
+    widths = [math.prod(data.in_shape), *cfg.model.hidden, data.num_classes]
+    batched = {k: BatchedMLPs(data.x_train, data.y_train, k, widths, cfg.batch_size, cfg.optimizer.lr, capture=False)
+               for k in (1, K)}
+
+    def train(mlps: BatchedMLPs) -> None:
+        for _ in range(epochs):
+            mlps.epoch()
+    times = interleave({k: partial(train, m) for k, m in batched.items()}, args.seed_repeats)
+    rows += [{"kind": f"batched loop {k}", "seeds": k, "round": r, "train_seconds": round(t, 4), "device": args.cpu}
+             for k, ts in times.items() for r, t in enumerate(ts)]
+    batched_ratio = med(times[K]) / med(times[1])
     summary += [
         {"section": "seeds", "metric": "single_run_s_median", "value": single, "unit": "s",
          "note": f"train_job wall, {epochs} epochs (data load, model, training, evaluation, files)"},
         {"section": "seeds", "metric": f"parallel_seeds_{K}_s_median", "value": par, "unit": "s"},
         {"section": "seeds", "metric": f"parallel_{K}_over_single", "value": par / single, "unit": "x",
          "target": "<= 2", "met": par / single <= 2},
+        {"section": "seeds", "metric": f"parallel_{K}_over_single_training", "value": train_s["parallel"] /
+         train_s["single"], "unit": "x", "note": "the same, training time only (summary.csv train_seconds)"},
+        {"section": "seeds", "metric": f"batched_loop_{K}_over_1_training", "value": batched_ratio, "unit": "x",
+         "note": f"scripts/batched_mlps.py, {K} models against 1, {epochs} epochs of the same data, batch and lr, "
+                 f"eager; median of {args.seed_repeats} interleaved rounds: what batching alone reaches here"},
         {"section": "seeds", "metric": f"sequential_{K}_s", "value": seq_total, "unit": "s",
          "note": "measured" if len(seq) == K else f"{K} x single run (--quick runs only seeds {check_seeds})"},
         {"section": "seeds", "metric": f"speedup_parallel_over_sequential_{K}", "value": seq_total / par, "unit": "x"},
@@ -500,13 +528,17 @@ def bench_plain(args, summary: list, console) -> list[dict]:
                               f"results_dir={tmp / 'results'}", f"hydra.run.dir={tmp / 'runs' / str(len(started))}"])
         plain = partial(run, "plain", [sys.executable, str(tmp / "plain_loop.py"), str(tmp / "mnist1d.npz"),
                                        str(threads), str(epochs), "0"])
-        dropbench()  # warm-up: the page cache holds torch, Hydra and dropbench
-        plain()
-        sides = {f"dropbench {PLAIN_SEEDS} seeds": dropbench, "plain loop 1 seed": plain}
+        batched = partial(run, "batched", [sys.executable, str(SCRIPTS / "batched_mlps.py"), str(tmp / "mnist1d.npz"),
+                                           str(threads), str(epochs), str(PLAIN_SEEDS)])
+        sides = {f"dropbench {PLAIN_SEEDS} seeds": dropbench, "plain loop 1 seed": plain,
+                 f"batched loop {PLAIN_SEEDS} seeds": batched}
+        for side in sides.values():
+            side()  # warm-up: the page cache holds torch, Hydra and dropbench
         times = interleave(sides, args.plain_rounds)
     rows = [{"side": side, "round": r, "wall_seconds": round(t, 4), "epochs": epochs, "threads": threads,
              "device": args.cpu} for side, ts in times.items() for r, t in enumerate(ts)]
     t_db, t_plain = times[f"dropbench {PLAIN_SEEDS} seeds"], times["plain loop 1 seed"]
+    t_batched = times[f"batched loop {PLAIN_SEEDS} seeds"]
     ratio = med(t_db) / med(t_plain)
     steps = epochs * RECIPE_STEPS
     summary += [
@@ -517,6 +549,12 @@ def bench_plain(args, summary: list, console) -> list[dict]:
         {"section": "plain", "metric": f"dropbench_{PLAIN_SEEDS}_seeds_over_plain_1_seed", "value": ratio,
          "unit": "x", "target": "< 1", "met": ratio < 1,
          "note": f"ratio of medians of {args.plain_rounds} interleaved rounds"},
+        {"section": "plain", "metric": f"batched_loop_{PLAIN_SEEDS}_seeds_s_median", "value": med(t_batched),
+         "unit": "s", "note": "python process: scripts/batched_mlps.py, the seeds' weights stacked, one baddbmm "
+                              "a layer, Adam in foreach ops, same evaluation; no run management, no files"},
+        {"section": "plain", "metric": f"batched_loop_{PLAIN_SEEDS}_seeds_over_plain_1_seed",
+         "value": med(t_batched) / med(t_plain), "unit": "x",
+         "note": "the target's ratio for a hand-written batched loop: what batching alone reaches on this machine"},
     ]
     return rows
 
@@ -714,86 +752,6 @@ def bench_replicas(args, summary: list, console) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # gpu: dropbench on a CUDA GPU, and the ceiling of a hand-written batched loop
 # ----------------------------------------------------------------------------------------------
-class GraphedMLPs:
-    """K MLPs trained as one, written by hand: weights stacked [K, in, out], each layer one
-    torch.baddbmm, Adam (Kingma & Ba 2015, as torch.optim.Adam computes it) in foreach ops, and on
-    a GPU the whole step (batch gather, forward, backward, update) captured once in a CUDA graph and
-    replayed, so no Python and no kernel launch cost per op remains: what a batched loop can reach.
-
-    Args:
-        x, y: training inputs [N, ...] and labels [N], on the device.
-        count: K, the number of models.
-        widths: layer widths, input first ([40, 100, 100, 10]).
-        batch_size: examples per step and model; an epoch is N // batch_size steps.
-        lr: Adam's learning rate (betas 0.9, 0.999, eps 1e-8).
-        capture: record the step in a CUDA graph (needs x on a GPU); False runs it eagerly.
-    """
-
-    def __init__(self, x, y, count: int, widths: list[int], batch_size: int, lr: float, capture: bool = True):
-        device = x.device
-        self.x, self.y, self.count, self.batch_size, self.lr = x.flatten(1), y, count, batch_size, lr
-        self.params = []
-        for a, b in zip(widths[:-1], widths[1:]):  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
-            bound = 1 / math.sqrt(a)
-            self.params += [torch.empty(count, a, b, device=device).uniform_(-bound, bound).requires_grad_(),
-                            torch.empty(count, 1, b, device=device).uniform_(-bound, bound).requires_grad_()]
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.t = torch.zeros((), device=device)  # the step count as a tensor: a graph replay reads it
-        self.idx = torch.zeros(count, batch_size, dtype=torch.long, device=device)  # the graph's input
-        self.graph = None
-        if capture:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-                for _ in range(3):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._step()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [K, B, C] of inputs [K, B, in]."""
-        h = x
-        for i in range(0, len(self.params), 2):
-            h = torch.baddbmm(self.params[i + 1], h, self.params[i])
-            if i + 2 < len(self.params):
-                h = F.relu(h)
-        return h
-
-    def _step(self) -> None:
-        logits = self.forward(self.x[self.idx])
-        # the sum over models of each model's mean loss: model k's gradient is that of its own loss
-        loss = F.cross_entropy(logits.flatten(0, 1), self.y[self.idx].flatten(), reduction="sum") / self.batch_size
-        grads = torch.autograd.grad(loss, self.params)
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
-        self.t += 1
-        torch._foreach_lerp_(self.m, grads, 1 - beta1)
-        torch._foreach_mul_(self.v, beta2)
-        torch._foreach_addcmul_(self.v, grads, grads, value=1 - beta2)
-        denom = torch._foreach_sqrt(self.v)
-        torch._foreach_div_(denom, (1 - beta2 ** self.t).sqrt())
-        torch._foreach_add_(denom, eps)
-        update = torch._foreach_div(self.m, denom)
-        torch._foreach_mul_(update, -self.lr / (1 - beta1 ** self.t))
-        with torch.no_grad():
-            torch._foreach_add_(self.params, update)
-
-    def step(self, idx: torch.Tensor) -> None:
-        """One Adam step of every model on its batch: idx [K, B], row k model k's examples."""
-        self.idx.copy_(idx)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._step()
-
-    def epoch(self) -> None:
-        order = torch.argsort(torch.rand(self.count, len(self.y), device=self.y.device), dim=1)
-        for start in range(0, len(self.y) - self.batch_size + 1, self.batch_size):
-            self.step(order[:, start:start + self.batch_size])
-
-
 def bench_gpu(args, summary: list, console) -> list[dict]:
     if not torch.cuda.is_available():
         console.print("[bold]gpu[/]: skipped (PyTorch sees no CUDA GPU)")
@@ -829,7 +787,7 @@ def bench_gpu(args, summary: list, console) -> list[dict]:
     cfg = compose_config([*RECIPE, f"parallel_seeds={GPU_SEEDS}"], "cuda")
     many = DropbenchSetup(cfg, device)
     widths = [math.prod(many.run.data.in_shape), *cfg.model.hidden, many.run.data.num_classes]
-    ceiling = GraphedMLPs(many.run.data.x_train, many.run.data.y_train, GPU_SEEDS, widths, cfg.batch_size,
+    ceiling = BatchedMLPs(many.run.data.x_train, many.run.data.y_train, GPU_SEEDS, widths, cfg.batch_size,
                           cfg.optimizer.lr)
     steps = many.steps
     sides = {"dropbench": many.epoch, "ceiling": synced(ceiling.epoch, device)}

@@ -23,7 +23,8 @@ BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 SECTIONS = ["epoch", "seeds", "plain", "startup", "replicas", "gpu", "jobs", "fold"]
 RATIOS = ["speedup_textbook_over_dropbench", "fraction_of_peak", "parallel_8_over_single",
           "speedup_fold_over_one_job_at_a_time", "speedup_parallel_over_sequential_8",
-          "dropbench_3_seeds_over_plain_1_seed", "speedup_vmap_over_separate_k8"]
+          "dropbench_3_seeds_over_plain_1_seed", "speedup_vmap_over_separate_k8", "parallel_8_over_single_training",
+          "batched_loop_8_over_1_training", "batched_loop_3_seeds_over_plain_1_seed"]
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,10 @@ def bench():
 
 
 def test_ceiling_trains_like_torch_adam(bench):
-    """GraphedMLPs (eager here) = K separate nn.Linear MLPs, each with its own torch.optim.Adam."""
+    """BatchedMLPs (eager here) = K separate nn.Linear MLPs, each with its own torch.optim.Adam."""
     torch.manual_seed(0)
     x, y = torch.randn(20, 1, 6), torch.randint(0, 3, (20,))
-    ceiling = bench.GraphedMLPs(x, y, 2, [6, 5, 3], batch_size=4, lr=0.01, capture=False)
+    ceiling = bench.BatchedMLPs(x, y, 2, [6, 5, 3], batch_size=4, lr=0.01, capture=False)
     W1, b1, W2, b2 = ceiling.params
     start = W1.detach().clone()
     models = []

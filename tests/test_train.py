@@ -77,3 +77,24 @@ def test_eval_every_records_the_evaluated_epochs_and_the_last(tmp_path):
     summary = read_summary(tmp_path / "run" / "summary.csv")
     assert summary["epochs_completed"] == "5" and summary["best_epoch"] in ("2", "4", "5")
     assert float(summary["seconds_per_epoch"]) > 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_the_shipped_optimizers_run_fused_unless_the_config_picks_an_implementation(optimizer):
+    """Unset, optimizer.fused is true: one kernel updates every parameter, with the numbers of the
+    per-parameter loop up to rounding. fused=false or foreach=true keep the config's choice."""
+    overrides = ["dataset.num_samples=300", "model.hidden=[16]", "regularizer=dropout", f"optimizer={optimizer}"]
+    with initialize_config_module("dropbench.conf", version_base="1.3"):
+        cfgs = {choice: compose("config", overrides=[*overrides, *choice]) for choice in
+                [(), ("+optimizer.fused=false",), ("+optimizer.foreach=true",),
+                 ("+optimizer.fused=true", "+optimizer.foreach=true")]}
+    losses = {}
+    for choice, fused, foreach in [((), True, None), (("+optimizer.fused=false",), False, None),
+                                   (("+optimizer.foreach=true",), None, True)]:
+        run = build_run(cfgs[choice], torch.device("cpu"), [0, 1])
+        assert (run.optimizer.defaults["fused"], run.optimizer.defaults["foreach"]) == (fused, foreach)
+        losses[choice] = torch.stack([train_epoch(run, 32) for _ in range(3)])
+    torch.testing.assert_close(losses[()], losses[("+optimizer.fused=false",)], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[()], losses[("+optimizer.foreach=true",)], rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="cannot build optimizer .*fused.* and .*foreach.* cannot be"):
+        build_run(cfgs[("+optimizer.fused=true", "+optimizer.foreach=true")], torch.device("cpu"), [0])
