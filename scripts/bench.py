@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import timeit
 from contextlib import contextmanager
@@ -580,6 +581,38 @@ def timed_command(command: list[str], what: str) -> float:
     return wall
 
 
+@contextmanager
+def gpu_memory_in_use(device: str):
+    """Yields a dict whose "peak" and "start" end as the most GPU memory in use (bytes, every process
+    on the GPU, `torch.cuda.mem_get_info`) while the block ran, sampled every 0.1 s, and the memory
+    in use when it began; both None on a CPU."""
+    result = {"peak": None, "start": None}
+    if device != "cuda":
+        yield result
+        return
+    torch.cuda.empty_cache()  # what earlier sections left in this process's cache is not the sweep's
+
+    def used() -> int:
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    stop, result["start"] = threading.Event(), used()
+    peak = [result["start"]]
+
+    def poll():
+        while not stop.wait(0.1):
+            peak[0] = max(peak[0], used())
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result["peak"] = max(peak[0], used())
+
+
 def bench_jobs(args, summary: list, console) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     counts = sorted({1, 4, 14} if device == "cuda" else {1, os.cpu_count() or 1})
@@ -589,21 +622,46 @@ def bench_jobs(args, summary: list, console) -> list[dict]:
     console.print(f"[bold]jobs[/]: experiment=ablation_all epochs={epochs} on {name}, n_jobs {counts}")
     rows, first = [], None
     with tempfile.TemporaryDirectory(prefix="dropbench-bench-") as tmpdir:
-        for n in counts:
-            sweep = Path(tmpdir) / f"n{n}"
-            command = [*dropbench_command(), "train", "-m", "experiment=ablation_all", f"epochs={epochs}", *methods,
+        def sweep(n: int, folder: str, *overrides: str) -> tuple[float, dict, dict]:
+            out = Path(tmpdir) / folder
+            command = [*dropbench_command(), "train", "-m", "experiment=ablation_all", *overrides, *methods,
                        f"device={device}", "threads=1", "progress=false", "hydra/launcher=joblib",
-                       f"hydra.launcher.n_jobs={n}", f"results_dir={sweep}", f"hydra.sweep.dir={sweep / 'sweep'}"]
-            wall = timed_command(command, f"jobs n_jobs={n}")
-            metrics = sweep_metrics(sweep / "sweep")
+                       f"hydra.launcher.n_jobs={n}", f"results_dir={out}", f"hydra.sweep.dir={out / 'sweep'}"]
+            with gpu_memory_in_use(device) as memory:
+                wall = timed_command(command, f"jobs n_jobs={n} {' '.join(overrides)}")
+            return wall, sweep_metrics(out / "sweep"), memory
+
+        for n in counts:
+            wall, metrics, _ = sweep(n, f"n{n}", f"epochs={epochs}")
             first = metrics if first is None else first
-            rows.append({"n_jobs": n, "wall_seconds": round(wall, 3), "runs": len(metrics),
+            rows.append({"n_jobs": n, "epochs": epochs, "wall_seconds": round(wall, 3), "runs": len(metrics),
                          "identical_to_n_jobs_1": metrics == first, "device": name})
+        # the target: the whole experiment (its own 200 epochs) with every job at once, on a GPU
+        # (2 epochs with --quick, to try the path on a CPU)
+        full = device == "cuda" or args.quick
+        if full:
+            full_epochs = 2 if args.quick else int(compose_config(["experiment=ablation_all"]).epochs)
+            wall, metrics, memory = sweep(counts[-1], "full", f"epochs={full_epochs}")
+            rows.append({"n_jobs": counts[-1], "epochs": full_epochs, "wall_seconds": round(wall, 3),
+                         "runs": len(metrics), "identical_to_n_jobs_1": "", "device": name})
     base = rows[0]["wall_seconds"]
     summary += [{"section": "jobs", "metric": f"ablation_all_{epochs}_epochs_n_jobs_{r['n_jobs']}_s",
                  "value": r["wall_seconds"], "unit": "s",
                  "note": f"{r['runs']} runs, the whole sweep, {base / r['wall_seconds']:.2f}x n_jobs=1; metrics "
-                         f"identical to n_jobs=1: {r['identical_to_n_jobs_1']}; {name}"} for r in rows]
+                         f"identical to n_jobs=1: {r['identical_to_n_jobs_1']}; {name}"} for r in rows[:len(counts)]]
+    if full:
+        whole, target = rows[-1], device == "cuda" and not args.quick
+        summary.append({"section": "jobs", "metric": "ablation_all_s", "value": whole["wall_seconds"], "unit": "s",
+                        "target": "<= 30" if target else "", "met": whole["wall_seconds"] <= 30 if target else "",
+                        "note": f"experiment=ablation_all, {whole['epochs']} epochs, {whole['runs']} runs, "
+                                f"n_jobs={whole['n_jobs']}: the whole command; {name}"})
+        if memory["peak"] is not None:
+            gb = (memory["peak"] - memory["start"]) / 1e9
+            summary.append({"section": "jobs", "metric": "ablation_all_peak_gpu_memory_gb", "value": gb, "unit": "GB",
+                            "target": "<= 16", "met": gb <= 16,
+                            "note": f"most GPU memory in use by every process while it ran, less the "
+                                    f"{memory['start'] / 1e9:.2f} GB in use before (torch.cuda.mem_get_info, "
+                                    f"every 0.1 s)"})
     return rows
 
 
@@ -824,7 +882,7 @@ SECTIONS = {  # name: (function, columns of its CSV file)
     "startup": (bench_startup, ["command", "round", "seconds", "exit_code", "imports_torch", "device"]),
     "replicas": (bench_replicas, ["variant", "round", "ms_per_step", "steps", "device"]),
     "gpu": (bench_gpu, ["case", "round", "seconds", "model_steps_per_s", "device"]),
-    "jobs": (bench_jobs, ["n_jobs", "wall_seconds", "runs", "identical_to_n_jobs_1", "device"]),
+    "jobs": (bench_jobs, ["n_jobs", "epochs", "wall_seconds", "runs", "identical_to_n_jobs_1", "device"]),
     "fold": (bench_fold, ["launcher", "round", "wall_seconds", "runs", "same_run_keys", "max_abs_test_acc_diff",
                           "device"]),
 }

@@ -65,6 +65,24 @@ def test_ceiling_trains_like_torch_adam(bench):
         torch.testing.assert_close(model[2].bias, b2[k, 0].detach(), rtol=0, atol=1e-6)
 
 
+def test_gpu_memory_is_the_peak_in_use_while_the_block_runs(bench, monkeypatch):
+    """The jobs section's GPU memory figure, its CUDA calls replaced: the most memory in use (total -
+    free) seen while the block runs, and what was in use when it began."""
+    import time
+
+    total, in_use = 100, [10]
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (total - in_use[0], total))
+    with bench.gpu_memory_in_use("cuda") as memory:
+        for level in (40, 70, 30):  # a sweep whose processes come and go
+            in_use[0] = level
+            time.sleep(0.35)
+    assert memory == {"start": 10, "peak": 70}
+    with bench.gpu_memory_in_use("cpu") as memory:
+        pass
+    assert memory == {"start": None, "peak": None}
+
+
 def test_unknown_section_is_a_usage_error(bench, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--sections", "epoch,ablation", "--out", str(tmp_path)])
@@ -102,7 +120,11 @@ def test_quick_bench_writes_summary(tmp_path):
         assert section_rows and all(row["device"] for row in section_rows), name
     # the same sweep one job at a time and several at once: 4 jobs x 3 seeds, the same numbers
     jobs = read_csv(tmp_path / "jobs.csv")
-    assert jobs and all(r["runs"] == "12" and r["identical_to_n_jobs_1"] == "True" for r in jobs), jobs
+    compared = [r for r in jobs if r["identical_to_n_jobs_1"]]
+    assert compared and all(r["runs"] == "12" and r["identical_to_n_jobs_1"] == "True" for r in compared), jobs
+    # then the whole experiment with every job at once (2 epochs here), timed as the target's figure
+    assert [r["runs"] for r in jobs if not r["identical_to_n_jobs_1"]] == ["12"], jobs
+    assert float(summary["ablation_all_s"]["value"]) > 0
     # a sweep of 2 rates x 2 seeds job by job and folded: the same runs, accuracies equal up to rounding
     fold = read_csv(tmp_path / "fold.csv")
     assert [r["launcher"] for r in fold] == ["basic", "fold"] and all(r["runs"] == "4" for r in fold)
