@@ -972,8 +972,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     out, summary, t0 = Path(args.out), [], time.perf_counter()
     for section in sections:
-        fn, columns = SECTIONS[section]
+        fn, columns, started = *SECTIONS[section], time.perf_counter()
         write_csv(out / f"{section}.csv", fn(args, summary, console), columns)
+        console.print(f"{section} done in {time.perf_counter() - started:.0f} s")
     summary += machine_rows(threads, time.perf_counter() - t0, load_before)
     for row in summary:
         row["value"] = round(row["value"], 6) if isinstance(row["value"], float) else row["value"]
