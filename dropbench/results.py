@@ -139,12 +139,24 @@ def write_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+def csv_text(rows: list[dict], columns: list[str], header: bool = True) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     writer.writerows(rows)
-    write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    write_atomic(path, csv_text(rows, columns))
+
+
+def metrics_rows(text: str) -> list[dict]:
+    """The rows of a metrics.csv text (csv_text of METRICS_COLUMNS) as they were recorded: epoch an
+    int, split a string, every other column a float (written by repr, so read back exactly)."""
+    return [{"epoch": int(row["epoch"]), "split": row["split"],
+             **{k: float(row[k]) for k in METRICS_COLUMNS[2:]}} for row in csv.DictReader(io.StringIO(text))]
 
 
 class NotASummary(Exception):

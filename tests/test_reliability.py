@@ -589,6 +589,40 @@ def test_settings_outside_the_run_identity_change_no_number(tmp_path):
     assert a == b and row_a["run_key"] == row_b["run_key"] and row_a["group_key"] == row_b["group_key"]
 
 
+def test_a_checkpoint_of_format_2_still_resumes(tmp_path, monkeypatch):
+    """Format 2 (dropbench 0.2) kept each seed's metrics rows themselves and no run keys; format 3
+    keeps the metrics.csv text. Such a checkpoint resumes to the numbers of a run never stopped."""
+    import torch
+    from hydra import compose, initialize_config_module
+
+    from dropbench import runs
+    from dropbench.results import metrics_rows
+
+    def config(*overrides):
+        with initialize_config_module("dropbench.conf", version_base="1.3"):
+            return compose("config", overrides=["experiment=smoke", "epochs=4", "threads=1", "progress=false",
+                                                "regularizer=dropout", "parallel_seeds=2", *overrides])
+
+    whole = runs.train_job(config(f"results_dir={tmp_path}/whole"), tmp_path / "whole", multirun=False)
+    with stopped_in_epoch(monkeypatch, 3):
+        runs.train_job(config(f"results_dir={tmp_path}/r"), tmp_path / "r" / "a", multirun=False)
+    path = tmp_path / "r" / "a" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["format"] == 3 and checkpoint["epoch"] == 2
+    checkpoint["format"] = 2
+    for seed in checkpoint["seeds"]:
+        seed["rows"] = metrics_rows(seed.pop("metrics_csv"))
+        assert [row["epoch"] for row in seed["rows"]] == [1, 1, 1, 2, 2, 2]  # train, val, test
+        del seed["run_key"]
+    torch.save(checkpoint, path)
+    resumed = runs.train_job(config(f"results_dir={tmp_path}/r", "resume=true"), tmp_path / "r" / "b", multirun=False)
+    assert resumed.status == "ok" and resumed.run_dir == tmp_path / "r" / "a"
+    for seed in ("seed_0", "seed_1"):
+        assert read_summary(resumed.run_dir / seed / "summary.csv")["resumed_from_epoch"] == "2"
+        assert metrics_without_seconds(resumed.run_dir / seed / "metrics.csv") == metrics_without_seconds(
+            whole.run_dir / seed / "metrics.csv")
+
+
 def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written(tmp_path, monkeypatch):
     """checkpoint_every=2: checkpoints after epochs 2, 4 and the last; a run stopped during epoch 3
     resumes after epoch 2 and ends with the numbers of a run never stopped."""
