@@ -1,3 +1,3 @@
 """dropbench: regularization ablations (dropout, R-Drop, DropConnect & co.) from Hydra configs."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
