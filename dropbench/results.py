@@ -321,6 +321,11 @@ def remove_if_only_hydra(run_dir: Path, results_dir: Path) -> None:
         parent = parent.parent
 
 
+def seed_dir(run_dir: Path, seed: int, parallel_seeds: int) -> Path:
+    """Where a seed of a run writes: `run_dir/seed_N/` when the job trains several seeds, else `run_dir`."""
+    return run_dir / f"seed_{seed}" if parallel_seeds > 1 else run_dir
+
+
 # -- a job's score for a searching sweeper ------------------------------------------------------
 def job_score(config: dict, dirs: list[Path]) -> float:
     """The value a job returns to Hydra's sweeper: the mean over the job's seeds of `best_val_acc`,
@@ -339,7 +344,7 @@ def job_score(config: dict, dirs: list[Path]) -> float:
     rows = {}
     for folder in dict.fromkeys(dirs):
         for s in seeds:
-            row = read_summary(folder / f"seed_{s}" / "summary.csv" if len(seeds) > 1 else folder / "summary.csv")
+            row = read_summary(seed_dir(folder, s, len(seeds)) / "summary.csv")
             # the run key tells this config's run from another one's that a reused folder may hold
             if row and keys.get(row["run_key"]) == s and (s not in rows or row["status"] == "ok"):
                 rows[s] = row

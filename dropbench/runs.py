@@ -45,6 +45,7 @@ from dropbench.results import (
     remove_if_only_hydra,
     remove_quietly,
     remove_stale_temp,
+    seed_dir,
     settings,
     write_atomic,
     write_checkpoint_info,
@@ -85,7 +86,7 @@ class Job:
     run_dir: Path | None = None  # where its results go
 
     def seed_dir(self, run_dir: Path, seed: int) -> Path:
-        return run_dir / f"seed_{seed}" if self.cfg.parallel_seeds > 1 else run_dir
+        return seed_dir(run_dir, seed, self.cfg.parallel_seeds)
 
 
 @dataclass
