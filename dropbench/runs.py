@@ -435,7 +435,9 @@ def _restore(state: dict, runs: list[SeedRun], run: Run) -> None:
         saved = {r.get("run_key", r["seed"]): r for r in checkpoint["seeds"]}
         for seed_run in runs:
             r = saved.get(seed_run.run_key) or saved[seed_run.seed]
-            seed_run.rows = metrics_rows(r["metrics_csv"]) if "metrics_csv" in r else r["rows"]
+            # the saved text is what metrics.csv held; format 2 saved the rows themselves
+            seed_run.metrics_csv = r["metrics_csv"] if "metrics_csv" in r else csv_text(r["rows"], METRICS_COLUMNS)
+            seed_run.rows = metrics_rows(seed_run.metrics_csv)
             seed_run.status, seed_run.diverged_epoch = r["status"], r["diverged_epoch"]
             seed_run.epochs = r["epochs"]
     except Exception as error:
@@ -445,7 +447,6 @@ def _restore(state: dict, runs: list[SeedRun], run: Run) -> None:
     for seed_run in runs:  # the directory holds a running run again
         remove_quietly(seed_run.out_dir / "summary.csv")
         remove_stale_temp(seed_run.out_dir)
-        seed_run.metrics_csv = csv_text(seed_run.rows, METRICS_COLUMNS)
         write_atomic(seed_run.out_dir / "metrics.csv", seed_run.metrics_csv)
     state.update(resumed_from=checkpoint["epoch"], started_at=checkpoint["started_at"],
                  earlier_seconds=checkpoint["wall_seconds"], train_seconds=checkpoint["train_seconds"])
