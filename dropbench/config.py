@@ -239,6 +239,8 @@ SETTINGS: tuple[Setting, ...] = (
                              "selected on validation is one of those evaluated"),
     S("device", Text("auto, cpu, cuda or cuda:N", r"auto|cpu|cuda(:\d+)?"),
       "where to train; auto: a GPU if there is one"),
+    S("cuda_graph", Flag(), "record the training step once as a CUDA graph and replay it; needs a CUDA GPU "
+                            "and the dataset in its memory"),
     S("threads", Either((Choice(("auto",)), count(1, 1024))),
       "torch intra-op threads; auto: the cores available divided by the launcher's parallel jobs"),
     S("progress", Either((Choice(("auto",)), Flag())), "progress bar; auto: only on a terminal"),

@@ -45,7 +45,7 @@ SUMMARY_COLUMNS = [
 # they are not part of a run's identity (run_key) nor of its summary's cfg.* columns. Tests check
 # that changing them leaves the numbers as they are.
 NOT_IDENTITY_GROUPS = ("logger.",)
-NOT_IDENTITY = {"device", "threads", "progress", "results_dir", "force", "resume", "keep_checkpoint",
+NOT_IDENTITY = {"device", "cuda_graph", "threads", "progress", "results_dir", "force", "resume", "keep_checkpoint",
                 "checkpoint_every", "parallel_seeds", "dataset.cache_dir", "dataset.root", "dataset.download",
                 "dataset.device_budget_gb"}
 

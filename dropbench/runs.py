@@ -52,7 +52,7 @@ from dropbench.results import (
     write_csv,
 )
 from dropbench.signals import signals_ignored, signals_interrupt, submitit_signal
-from dropbench.train import Run, build_run, diverged, fit, resolve_device
+from dropbench.train import Run, build_run, diverged, fit, resolve_device, restore_optimizer
 
 CHECKPOINT_FORMAT = 3
 READ_CHECKPOINT_FORMATS = (2, 3)  # format 2 kept each seed's rows themselves, 3 their metrics.csv text
@@ -424,9 +424,7 @@ def _restore(state: dict, runs: list[SeedRun], run: Run) -> None:
             raise ValueError(f"checkpoint format {checkpoint.get('format')!r}, this version reads "
                              f"{' and '.join(map(str, READ_CHECKPOINT_FORMATS))}")
         run.model.load_state_dict(checkpoint["model"])
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
-        if run.scheduler is not None:
-            run.scheduler.load_state_dict(checkpoint["scheduler"])
+        restore_optimizer(run, checkpoint["optimizer"], checkpoint["scheduler"])
         run.generators.load_state(checkpoint["generators"])
         torch.set_rng_state(checkpoint["torch_rng"])  # random ops outside dropbench's layers draw from it
         if checkpoint["cuda_rng"] is not None:

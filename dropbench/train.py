@@ -3,7 +3,8 @@
 `build_run` instantiates the data, R replicas of the model (R = parallel_seeds; each replica is
 the model built after `torch.manual_seed(seed_k)`, then changed by the regularizers), the
 optimizer and the schedule. `fit` trains: every epoch one pass over the training data in
-mini-batches [R, B, ...], then every split evaluated under the regularizers' evaluation rule.
+mini-batches [R, B, ...] (`train_step` each; with cuda_graph=true replayed from a CUDA graph, see
+dropbench.cuda_graph), then every split evaluated under the regularizers' evaluation rule.
 What happens around the loop (result files, checkpoints, resume, signals, progress, trackers)
 lives in dropbench.runs and reaches the loop through its `on_epoch` callback.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from dropbench.config import UserError, build
+from dropbench.cuda_graph import CapturedStep, prepare_optimizer
 from dropbench.data import Dataset
 from dropbench.models import build_model, model_label
 from dropbench.regularizers import Regularizers, build_regularizers
@@ -45,6 +47,8 @@ class Run:
     generators: ReplicaGenerators
     replica_regs: list[Regularizers]  # replica k's methods as its config sets them (for its summary)
     lr_scale: torch.Tensor | None = None  # [R]: lr_k / lr_0, when the replicas' learning rates differ
+    loss_sum: torch.Tensor | None = None  # [R]: the epoch's summed training loss, added to by every step
+    captured: CapturedStep | None = None  # with cuda_graph=true: the step, replayed from CUDA graphs
 
 
 def resolve_device(name: str, job_num: int = 0) -> torch.device:
@@ -76,7 +80,14 @@ def build_run(cfg, device: torch.device, seeds: list[int], replica_cfgs: list | 
     k trains seed k with the regularizer and learning rate of its own job's config, replica_cfgs[k]
     (everything else is cfg's, and the same in every replica_cfgs[k]); by default all are cfg."""
     replica_cfgs = replica_cfgs or [cfg] * len(seeds)
+    graphed = bool(cfg.get("cuda_graph", False))
+    if graphed and device.type != "cuda":
+        raise UserError(f"cuda_graph=true needs a CUDA GPU, but this run trains on {device.type}; "
+                        f"use device=cuda or cuda_graph=false")
     data: Dataset = build(cfg.dataset, "dataset", device=device)
+    if graphed and not data.resident:
+        raise UserError(f"cuda_graph=true needs the dataset on the GPU, but {data.name} is larger than "
+                        f"dataset.device_budget_gb; raise the budget or use cuda_graph=false")
     generators = ReplicaGenerators(seeds, device)
     replica_regs = [build_regularizers(c.regularizer) for c in replica_cfgs]
     models = []
@@ -90,9 +101,15 @@ def build_run(cfg, device: torch.device, seeds: list[int], replica_cfgs: list | 
     optimizer = build(replica_cfgs[0].optimizer, "optimizer", params=model.parameters(),
                       **fused_default(replica_cfgs[0].optimizer))
     scheduler = build(cfg.schedule, "schedule", optimizer=optimizer) if "_target_" in cfg.schedule else None
+    if graphed:  # after the schedule, whose base learning rates stay numbers
+        prepare_optimizer(optimizer, device)
     lrs = [float(c.optimizer.lr) for c in replica_cfgs]
     lr_scale = None if len(set(lrs)) == 1 else torch.tensor([lr / lrs[0] for lr in lrs], device=device)
-    return Run(data, model, regs, optimizer, scheduler, generators, replica_regs, lr_scale)
+    run = Run(data, model, regs, optimizer, scheduler, generators, replica_regs, lr_scale,
+              loss_sum=torch.zeros(len(seeds), device=device))
+    if graphed:
+        run.captured = CapturedStep(lambda idx: train_step(run, idx), generators.masks, device)
+    return run
 
 
 def fused_default(node) -> dict:
@@ -101,22 +118,51 @@ def fused_default(node) -> dict:
     return {"fused": True} if node.get("_target_") in FUSED_OPTIMIZERS and not chosen else {}
 
 
+def restore_optimizer(run: Run, optimizer_state: dict, scheduler_state: dict | None) -> None:
+    """Load a checkpoint's optimizer and schedule state. The numbers (moments, steps, the learning
+    rate the schedule has reached) come from the checkpoint; how the optimizer runs (fused,
+    capturable, the learning rate as a tensor for cuda_graph) stays as this run built it, so a run
+    checkpointed with cuda_graph=true resumes without it and the other way round."""
+    built = [{k: group[k] for k in ("lr", "fused", "foreach", "capturable") if k in group}
+             for group in run.optimizer.param_groups]
+    run.optimizer.load_state_dict(optimizer_state)
+    for group, settings in zip(run.optimizer.param_groups, built):
+        lr = float(group["lr"])
+        group.update(settings)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # the tensor a recorded step reads
+        else:
+            group["lr"] = lr
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(scheduler_state)
+        for key in ("base_lrs", "_last_lr"):  # tensors when saved from a cuda_graph run
+            if hasattr(run.scheduler, key):
+                setattr(run.scheduler, key, [float(v) for v in getattr(run.scheduler, key)])
+
+
 def train_epoch(run: Run, batch_size: int) -> torch.Tensor:
     """One pass over the training set in [R, B, ...] mini-batches; the summed loss per replica [R]."""
-    data, model = run.data, run.model
-    model.train()
+    data = run.data
+    run.model.train()
     n = data.size("train")
     order = run.generators.permutations(n).to(data.device if data.resident else "cpu")
-    epoch_loss = torch.zeros(len(model), device=data.device)
+    step = run.captured or (lambda idx: train_step(run, idx))
+    run.loss_sum.zero_()
     for start in range(0, n, batch_size):
-        x, y = data.batch("train", order[:, start:start + batch_size])
-        loss = run.regs.loss(model, x, y)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward()  # replicas are independent: d(sum)/d(loss_r) = 1
-        optimizer_step(run)
-        run.regs.after_step(model)
-        epoch_loss += loss.detach()
-    return epoch_loss
+        step(order[:, start:start + batch_size])
+    return run.loss_sum.clone()
+
+
+def train_step(run: Run, idx: torch.Tensor) -> None:
+    """One optimizer step of every replica on its examples idx [R, B] of the training split; the
+    losses [R] are added to run.loss_sum."""
+    x, y = run.data.batch("train", idx)
+    loss = run.regs.loss(run.model, x, y)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.sum().backward()  # replicas are independent: d(sum)/d(loss_r) = 1
+    optimizer_step(run)
+    run.regs.after_step(run.model)
+    run.loss_sum += loss.detach()
 
 
 def optimizer_step(run: Run) -> None:

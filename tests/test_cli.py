@@ -91,6 +91,7 @@ def test_train_help_is_hydras():
     ("dataset=nope", "unknown dataset 'nope'; choose from: cifar10, csv, digits, fashion_mnist, imagefolder, mnist, "
                      "mnist1d, npz, torchvision"),
     ("device=cuda", "device=cuda is not available"),
+    ("cuda_graph=true", "cuda_graph=true needs a CUDA GPU, but this run trains on cpu"),
 ])
 def test_bad_values_give_one_line_and_write_nothing(tmp_path, override, message):
     proc = run_cli("train", *SMOKE, override, f"results_dir={tmp_path}/results")
