@@ -10,13 +10,15 @@ stay where it was when the graph was recorded:
 - the step's input is one static index tensor [R, B]: each step copies its batch's indices into
   it, and the recorded gather reads the examples from the dataset on the GPU;
 - the learning rate is a tensor on the GPU (`prepare_optimizer`): a schedule writes its new value
-  into it, and the replayed optimizer step reads it;
+  into it, and the replayed optimizer step reads it (torch's fused optimizers get it so without
+  graphs too, so that both round alike);
 - the optimizer keeps its step counts on the GPU (`capturable=True`), and its state exists before
   recording (the first steps of each batch shape run eagerly);
 - random masks come from each replica's CUDA generator, registered with the graph: a replay draws
   the numbers that an eager step would have drawn at that point of the generator's stream and
-  moves the generator on by as much, so masks never repeat, checkpoints save where each stream
-  is, and a run gives the numbers of the same run without graphs.
+  moves the generator on by as much, so masks never repeat and checkpoints save where each stream
+  is. A run is meant to give exactly the numbers of the same run without graphs; tests/test_cuda.py
+  checks that on a GPU.
 
 What the step may not do is read a value back to Python (`.item()`, a branch on a tensor) or
 copy from the host: recording fails on such an operation, and the run fails with the reason.
@@ -36,14 +38,22 @@ import torch
 EAGER_STEPS = 3
 
 
-def prepare_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Make `optimizer` replayable: every group's learning rate a tensor on `device` (a schedule
-    then changes the value a recorded step reads) and `capturable` on where the optimizer has it
-    (Adam and AdamW keep their step counts on the GPU then). Called after building the optimizer,
-    before its schedule, and again after loading a checkpoint's state into it."""
+def prepare_optimizer(optimizer: torch.optim.Optimizer, device: torch.device, graphed: bool) -> None:
+    """On a GPU, hold the learning rate the way a recorded step can read it. Called after building
+    the optimizer and its schedule (whose base learning rates stay numbers); nothing on a CPU.
+
+    torch's fused kernels read a tensor learning rate as float32, and a number as float64: the two
+    round differently. So every fused group's learning rate is a float32 tensor on the GPU, with or
+    without graphs, and a run gives the same numbers either way. With `graphed` every group's is
+    (a schedule writes its new value into it, and the replayed step reads it there), and
+    `capturable` is on where the optimizer has it (Adam and AdamW keep their step counts on the GPU).
+    """
+    if device.type != "cuda":
+        return
     for group in optimizer.param_groups:
-        group["lr"] = torch.tensor(float(group["lr"]), device=device)
-        if "capturable" in group and device.type == "cuda":
+        if graphed or group.get("fused"):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        if graphed and "capturable" in group:
             group["capturable"] = True
 
 

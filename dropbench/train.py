@@ -101,8 +101,7 @@ def build_run(cfg, device: torch.device, seeds: list[int], replica_cfgs: list | 
     optimizer = build(replica_cfgs[0].optimizer, "optimizer", params=model.parameters(),
                       **fused_default(replica_cfgs[0].optimizer))
     scheduler = build(cfg.schedule, "schedule", optimizer=optimizer) if "_target_" in cfg.schedule else None
-    if graphed:  # after the schedule, whose base learning rates stay numbers
-        prepare_optimizer(optimizer, device)
+    prepare_optimizer(optimizer, device, graphed)
     lrs = [float(c.optimizer.lr) for c in replica_cfgs]
     lr_scale = None if len(set(lrs)) == 1 else torch.tensor([lr / lrs[0] for lr in lrs], device=device)
     run = Run(data, model, regs, optimizer, scheduler, generators, replica_regs, lr_scale,
