@@ -1,3 +1,3 @@
 """dropbench: regularization ablations (dropout, R-Drop, DropConnect & co.) from Hydra configs."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0.dev0"
