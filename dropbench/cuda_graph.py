@@ -108,7 +108,10 @@ class CapturedStep:
             with torch.cuda.graph(graph):
                 self.step(recorded_idx)
         except RuntimeError as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first = error  # ending a failed recording raises again: the first error names the operation
+            while isinstance(first.__context__, RuntimeError):
+                first = first.__context__
+            reason = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
             raise RuntimeError(f"cuda_graph=true: the training step could not be recorded as a CUDA graph "
-                               f"({first_line}); train with cuda_graph=false") from error
+                               f"({reason}); train with cuda_graph=false") from error
         return graph, recorded_idx

@@ -21,15 +21,60 @@ def config(*overrides: str):
         return compose("config", overrides=["dataset.num_samples=300", "model.hidden=[16]", *overrides])
 
 
-class FakeGraph:
-    """A CUDA graph as far as CapturedStep uses one: recording does not run the step, replay runs
-    the recorded step on the recorded input."""
+class FakeCuda:
+    """torch.cuda as far as CapturedStep uses it, on the CPU: streams that order nothing, and graphs
+    whose recording does not run the step (the step sees `recording` and leaves its work to the
+    replay, on the input it was given), as a CUDA graph's recording does not."""
 
-    def __init__(self):
-        self.generators = []
+    def __init__(self, monkeypatch):
+        self.recording = None
+        self.recorded = []  # (batch shape, generators registered) of each graph
 
-    def register_generator_state(self, generator):
-        self.generators.append(generator)
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def __init__(self):
+                self.generators, self.work = [], None
+
+            def register_generator_state(self, generator):
+                self.generators.append(generator)
+
+            def replay(self):
+                self.work()
+
+        @contextlib.contextmanager
+        def graph(cuda_graph):
+            fake.recording = cuda_graph
+            try:
+                yield
+            except RuntimeError:  # as CUDA does: ending a failed recording fails too
+                raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904
+            finally:
+                fake.recording = None
+
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+
+    def step(self, run, fail_when_recorded: bool = False):
+        def step(idx):
+            if self.recording is None:
+                train_step(run, idx)
+                return
+            if fail_when_recorded:
+                raise RuntimeError("operation not permitted when stream is capturing\nmore details")
+            self.recorded.append((tuple(idx.shape), len(self.recording.generators)))
+            self.recording.work = lambda: train_step(run, idx)
+        return step
 
 
 @pytest.mark.parametrize("overrides", [("regularizer=dropout",),
@@ -37,48 +82,38 @@ class FakeGraph:
                                         "schedule.step_size=1"),
                                        ("regularizer=rdrop", "optimizer=sgd")])
 def test_the_captured_step_runs_every_step_once_in_order(monkeypatch, overrides):
-    """Each batch shape runs EAGER_STEPS steps eagerly, is then recorded once and replayed from then
-    on, with each step's indices copied into the recorded input: 5 epochs end with exactly the
-    numbers and generator states of the eager loop, and both shapes (full and last batch) recorded."""
-    recorded = []
-
-    def record(self, idx):
-        graph, recorded_idx = FakeGraph(), idx.clone()
-        for generator in self.generators:
-            graph.register_generator_state(generator)
-        graph.replay = lambda: self.step(recorded_idx)
-        recorded.append((tuple(idx.shape), len(graph.generators)))
-        return graph, recorded_idx
-
-    class Stream:
-        def __init__(self, device=None):
-            pass
-
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(cuda_graph.CapturedStep, "_record", record)
+    """Each batch shape runs EAGER_STEPS steps eagerly, is then recorded once (with every replica's
+    generator registered) and replayed from then on, each step's indices copied into the recorded
+    input: 5 epochs end with exactly the numbers and generator states of the eager loop."""
+    cuda = FakeCuda(monkeypatch)
     cfg = config(*overrides)
     seeds = list(range(cfg.parallel_seeds))
     runs = {"eager": build_run(cfg, CPU, seeds), "captured": build_run(cfg, CPU, seeds)}
     run = runs["captured"]
-    run.captured = cuda_graph.CapturedStep(lambda idx: train_step(run, idx), run.generators.masks, CPU)
+    run.captured = cuda_graph.CapturedStep(cuda.step(run), run.generators.masks, CPU)
     losses = {name: [] for name in runs}
     for _ in range(5):
         for name, r in runs.items():
             losses[name].append(train_epoch(r, 32).tolist())
             if r.scheduler is not None:
                 r.scheduler.step()
-    n = run.data.size("train")
-    assert n % 32 and recorded == [((len(seeds), 32), len(seeds)), ((len(seeds), n % 32), len(seeds))]
+    n, R = run.data.size("train"), len(seeds)
+    assert n % 32 and cuda.recorded == [((R, 32), R), ((R, n % 32), R)]
     assert losses["captured"] == losses["eager"]
     for a, b in zip(runs["captured"].model.parameters(), runs["eager"].model.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(runs["captured"].generators.masks, runs["eager"].generators.masks):
         assert torch.equal(a.get_state(), b.get_state())
+
+
+def test_a_step_that_cannot_be_recorded_fails_with_the_first_reason(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    run = build_run(config("regularizer=dropout"), CPU, [0])
+    run.captured = cuda_graph.CapturedStep(cuda.step(run, fail_when_recorded=True), run.generators.masks, CPU)
+    with pytest.raises(RuntimeError, match=r"^cuda_graph=true: the training step could not be recorded as a CUDA "
+                                           r"graph \(operation not permitted when stream is capturing\); train "
+                                           r"with cuda_graph=false$"):
+        train_epoch(run, 32)
 
 
 def test_prepare_optimizer_leaves_a_cpu_run_as_it_is():
