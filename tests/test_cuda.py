@@ -159,3 +159,34 @@ def test_a_cuda_graph_run_stopped_and_resumed_gives_the_numbers_of_one_never_sto
         assert resumed.status == "ok" and read_summary(resumed.run_dir / "summary.csv")["resumed_from_epoch"] == "3"
         assert without_seconds([read_csv(resumed.run_dir / "metrics.csv")]) == \
             without_seconds([read_csv(whole.run_dir / "metrics.csv")])
+
+
+class ReadsBack(torch.nn.Module):
+    """A model whose forward pass reads a value back to Python, which a CUDA graph cannot record."""
+
+    def __init__(self, in_shape, num_classes):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_shape[-1], 16), torch.nn.ReLU())
+        self.head = torch.nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        h = self.body(x)
+        if h.sum().item() < 0:  # never true after a ReLU: only the read matters
+            h = -h
+        return self.head(h)
+
+
+def test_a_step_that_reads_back_to_python_fails_the_run_with_the_reason(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from dropbench.results import read_summary
+    from dropbench.runs import train_job
+
+    with initialize_config_module("dropbench.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "device=cuda", "progress=false", "cuda_graph=true",
+                                           "model=custom", "model.module._target_=test_cuda.ReadsBack",
+                                           f"results_dir={tmp_path}"])
+    result = train_job(cfg, tmp_path / "run", multirun=False)
+    error = read_summary(result.run_dir / "summary.csv")["error"]
+    assert result.status == "failed" and "the training step could not be recorded as a CUDA graph" in error, error
+    assert "train with cuda_graph=false" in error
