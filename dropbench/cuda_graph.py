@@ -80,15 +80,18 @@ class CapturedStep:
 
     def __call__(self, idx: torch.Tensor) -> None:
         shape = tuple(idx.shape)
-        if shape not in self.graphs and self.eager_steps[shape] < EAGER_STEPS:
-            self.eager_steps[shape] += 1
-            self._eager(idx)
-            return
-        if shape not in self.graphs:
-            self.graphs[shape] = self._record(idx)
-        graph, recorded_idx = self.graphs[shape]
-        recorded_idx.copy_(idx)
-        graph.replay()
+        # the step's GPU as the current one: recording and replay use the current device's streams,
+        # and a sweep's job may train on cuda:N with another device current
+        with torch.cuda.device(self.device):
+            if shape not in self.graphs and self.eager_steps[shape] < EAGER_STEPS:
+                self.eager_steps[shape] += 1
+                self._eager(idx)
+                return
+            if shape not in self.graphs:
+                self.graphs[shape] = self._record(idx)
+            graph, recorded_idx = self.graphs[shape]
+            recorded_idx.copy_(idx)
+            graph.replay()
 
     def _eager(self, idx: torch.Tensor) -> None:
         current = torch.cuda.current_stream(self.device)
@@ -105,7 +108,7 @@ class CapturedStep:
         for generator in self.generators:
             graph.register_generator_state(generator)
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self.side):  # a stream on this step's GPU
                 self.step(recorded_idx)
         except RuntimeError as error:
             first = error  # ending a failed recording raises again: the first error names the operation

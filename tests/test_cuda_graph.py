@@ -50,7 +50,7 @@ class FakeCuda:
                 self.work()
 
         @contextlib.contextmanager
-        def graph(cuda_graph):
+        def graph(cuda_graph, stream=None):
             fake.recording = cuda_graph
             try:
                 yield
@@ -62,6 +62,7 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "Stream", Stream)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
         monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
         monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
         monkeypatch.setattr(torch.cuda, "graph", graph)
 
