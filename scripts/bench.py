@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 import timeit
+import traceback
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -70,7 +71,7 @@ except ImportError:  # run from a checkout without installing
 from dropbench import runs, train  # noqa: E402
 from dropbench.config import build  # noqa: E402
 from dropbench.data import write_idx  # noqa: E402
-from dropbench.results import read_csv_rows, write_csv  # noqa: E402
+from dropbench.results import read_csv_rows, read_summary, write_csv  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parent
 if str(SCRIPTS) not in sys.path:  # loaded by path (the tests), or run with python -P (gpu_checks.sh)
@@ -372,7 +373,8 @@ def run_job(tmp: Path, name: str, overrides: list[str], device: str = "cpu") -> 
         result = runs.train_job(cfg, tmp / name / "run", False)
         wall = time.perf_counter() - t
     if result.status != "ok":
-        raise RuntimeError(f"bench run {name} ended {result.status!r} (see {result.run_dir})")
+        error = (read_summary(result.run_dir / "summary.csv") or {}).get("error", "")
+        raise RuntimeError(f"bench run {name} ended {result.status!r}: {error}")
     return wall, result.run_dir
 
 
@@ -642,9 +644,15 @@ def bench_jobs(args, summary: list, console) -> list[dict]:
         if full:
             full_epochs = 2 if args.quick else int(compose_config(["experiment=ablation_all"]).epochs)
             graphed = ["cuda_graph=true"] if device == "cuda" else []  # the step replayed from a CUDA graph
-            wall, metrics, memory = sweep(counts[-1], "full", f"epochs={full_epochs}", *graphed)
-            rows.append({"n_jobs": counts[-1], "epochs": full_epochs, "wall_seconds": round(wall, 3),
-                         "runs": len(metrics), "identical_to_n_jobs_1": "", "device": name})
+            try:
+                wall, metrics, memory = sweep(counts[-1], "full", f"epochs={full_epochs}", *graphed)
+                rows.append({"n_jobs": counts[-1], "epochs": full_epochs, "wall_seconds": round(wall, 3),
+                             "runs": len(metrics), "identical_to_n_jobs_1": "", "device": name})
+            except RuntimeError as error:  # keep the sweeps above
+                console.print(f"[red]jobs: the whole experiment failed: {error}[/]")
+                summary.append({"section": "jobs", "metric": "ablation_all_failed", "value": "",
+                                "note": f"{' '.join(graphed)}: {error}"})
+                full = False
     base = rows[0]["wall_seconds"]
     summary += [{"section": "jobs", "metric": f"ablation_all_{epochs}_epochs_n_jobs_{r['n_jobs']}_s",
                  "value": r["wall_seconds"], "unit": "s",
@@ -827,8 +835,15 @@ def bench_gpu(args, summary: list, console) -> list[dict]:
     modes = {"eager": "cuda_graph=false", "cuda_graph": "cuda_graph=true"}
     with tempfile.TemporaryDirectory(prefix="dropbench-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        for mode, setting in modes.items():  # CUDA context, cuBLAS, kernels
-            run_job(tmp, f"warmup_{mode}", [*RECIPE, threads, setting, "epochs=5"], "cuda")
+        for mode, setting in list(modes.items()):  # CUDA context, cuBLAS, kernels
+            try:
+                run_job(tmp, f"warmup_{mode}", [*RECIPE, threads, setting, "epochs=5"], "cuda")
+            except RuntimeError as error:  # the eager figures are still worth having
+                if mode == "eager":
+                    raise
+                console.print(f"[red]gpu: {setting} failed, measured without it: {error}[/]")
+                summary.append({"section": "gpu", "metric": "cuda_graph_failed", "value": "", "note": str(error)})
+                del modes[mode]
         recipe = {mode: [] for mode in modes}
         for r in range(args.gpu_rounds):
             for mode, setting in modes.items():
@@ -992,9 +1007,16 @@ def main(argv=None) -> int:
     threads = args.threads or runs.threads_for_job("auto", 1)
     torch.set_num_threads(threads)
     out, summary, t0 = Path(args.out), [], time.perf_counter()
+    failed = []
     for section in sections:
         fn, columns, started = *SECTIONS[section], time.perf_counter()
-        write_csv(out / f"{section}.csv", fn(args, summary, console), columns)
+        try:
+            write_csv(out / f"{section}.csv", fn(args, summary, console), columns)
+        except Exception as error:  # the other sections' figures are still written
+            console.print(f"[red]{section} failed:[/]\n{traceback.format_exc()}")
+            summary.append({"section": section, "metric": "failed", "value": "", "note": f"{type(error).__name__}: "
+                                                                                         f"{error}"})
+            failed.append(section)
         console.print(f"{section} done in {time.perf_counter() - started:.0f} s")
     summary += machine_rows(threads, time.perf_counter() - t0, load_before)
     for row in summary:
@@ -1004,8 +1026,10 @@ def main(argv=None) -> int:
     if LOAD.mean is not None and LOAD.mean > BUSY:
         console.print(f"[yellow]warning: other processes used {LOAD.mean:.2f} cores on average while timing; "
                       "the figures are not reliable[/]")
-    console.print(f"wrote {', '.join(f'{s}.csv' for s in [*sections, 'summary'])} to {out}")
-    return 0
+    console.print(f"wrote {', '.join(f'{s}.csv' for s in [*sections, 'summary'] if s not in failed)} to {out}")
+    if failed:
+        console.print(f"[red]failed: {', '.join(failed)} (see above and summary.csv)[/]")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -91,6 +91,24 @@ def test_unknown_section_is_a_usage_error(bench, tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written
 
 
+def test_a_failing_section_is_reported_and_the_others_still_written(bench, tmp_path, monkeypatch):
+    def broken(args, summary, console):
+        raise RuntimeError("bench run x ended 'failed': no such thing")
+
+    def fine(args, summary, console):
+        summary.append({"section": "gpu", "metric": "measured", "value": 1.0})
+        return []
+
+    monkeypatch.setitem(bench.SECTIONS, "startup", (broken, bench.SECTIONS["startup"][1]))
+    monkeypatch.setitem(bench.SECTIONS, "gpu", (fine, bench.SECTIONS["gpu"][1]))
+    assert bench.main(["--quick", "--sections", "startup,gpu", "--out", str(tmp_path)]) == 1
+    assert not (tmp_path / "startup.csv").exists() and (tmp_path / "gpu.csv").exists()
+    assert any(r["metric"] == "measured" for r in read_csv(tmp_path / "summary.csv"))
+    failed = [r for r in read_csv(tmp_path / "summary.csv") if r["metric"] == "failed"]
+    assert failed == [{**failed[0], "section": "startup",
+                       "note": "RuntimeError: bench run x ended 'failed': no such thing"}]
+
+
 @pytest.mark.slow
 def test_quick_bench_writes_summary(tmp_path):
     # every section but `startup`, whose claim (no torch import) tests/test_cli.py checks in-process
