@@ -222,8 +222,8 @@ def train_jobs(jobs: list[tuple[DictConfig, Path]], multirun: bool, parallel_job
                 with signals_ignored():  # a second Ctrl-C must not cut the state being written
                     _finish(runs, "interrupted", "")
                     for seed_run in runs:  # the signal may have cut the last metrics.csv write short
-                        if seed_run.rows:
-                            write_csv(seed_run.out_dir / "metrics.csv", seed_run.rows, METRICS_COLUMNS)
+                        if seed_run.metrics_csv:
+                            write_atomic(seed_run.out_dir / "metrics.csv", seed_run.metrics_csv)
                     _close(jobs, run, state, runs, trackers, time.perf_counter() - t_start, device, threads)
             raise
         except Exception as error:  # a crash is recorded as a failed run so that a sweep goes on
@@ -270,9 +270,10 @@ def _record_epoch(runs: list[SeedRun], trackers: list, epoch: int, stopped: list
         rows = [{"epoch": epoch, "split": split, **{k: v[r] for k, v in values.items()},
                  "seconds": round(train_seconds if split == "train" else eval_seconds, 6)}
                 for split, values in metrics.items()]
-        seed_run.rows += rows
         # the text grows by this epoch's lines: formatting every row anew each epoch grew with the run
-        seed_run.metrics_csv += csv_text(rows, METRICS_COLUMNS, header=not seed_run.metrics_csv)
+        text = csv_text(rows, METRICS_COLUMNS, header=not seed_run.metrics_csv)
+        seed_run.rows += rows
+        seed_run.metrics_csv += text
         write_atomic(seed_run.out_dir / "metrics.csv", seed_run.metrics_csv)
         if trackers:
             trackers[r].log_epoch(epoch, {f"{split}/{'acc' if k == 'accuracy' else k}": v[r]

@@ -859,7 +859,7 @@ def bench_gpu(args, summary: list, console) -> list[dict]:
     d2l = {mode: DropbenchSetup(compose_config([*D2L, f"dataset.root={root}", setting], "cuda"), device)
            for mode, setting in modes.items()}
     for setup in d2l.values():
-        for _ in range(5):  # warm-up; with cuda_graph the step is recorded during the 4th epoch
+        for _ in range(5):  # warm-up; with cuda_graph the smaller last batch's step is recorded in the 4th epoch
             setup.epoch()
     d2l_times = interleave({mode: setup.epoch for mode, setup in d2l.items()}, args.gpu_rounds * 3)
     rows += [{"case": f"d2l epoch, {mode}", "round": r, "seconds": round(t, 5), "device": name}
